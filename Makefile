@@ -1,0 +1,45 @@
+# hpc-uc -- make install, make test (see README.md)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+HOROVOD ?= 1
+NP ?= 2
+PY := $(VENV)/bin/python
+
+# mpirun as root needs these; oversubscribe lets NP exceed the cores of a small machine.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export OMPI_MCA_rmaps_base_oversubscribe := 1
+MPIRUN ?= mpirun -np $(NP) --oversubscribe
+
+.PHONY: install mpi venv horovod test test-unit test-mpi clean
+
+install: mpi venv $(if $(filter 1,$(HOROVOD)),horovod)
+	@echo "hpc-uc installed in $(VENV) (try: $(VENV)/bin/hpc-uc info)"
+
+mpi:
+	@bash scripts/install_mpi.sh
+
+# The venv is rebuilt only when requirements.txt or setup.py change (stamp file).
+venv: $(VENV)/.deps-stamp
+
+$(VENV)/.deps-stamp: requirements.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+horovod: venv
+	@VENV=$(VENV) bash scripts/install_horovod.sh
+
+test: test-unit test-mpi
+
+test-unit:
+	$(PY) -m pytest -q -m "not mpi" tests
+
+test-mpi:
+	$(MPIRUN) $(PY) tests/mpi_pytest.py -q -m mpi tests
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .pytest-rank*.log

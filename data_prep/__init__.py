@@ -1,0 +1,1 @@
+"""Preprocess datasets into the sharded HDF5 format every hpc-uc stage reads."""

@@ -1,0 +1,120 @@
+"""The `hpc-uc` command line: one subcommand per stage, plus info, verify and prepare."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+from .errors import UserError, describe
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print library versions, usable backends, world size, rank and device."""
+    from .info import info_lines
+
+    for line in info_lines(args.backend):
+        print(line, flush=True)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Run one stage, or every stage (`run`), for CONFIG plus key=value overrides."""
+    from .config import load_config
+    from .pipeline import run_all, run_stage, start
+
+    cfg = load_config(args.config, args.overrides)
+    comm, run = start(cfg)
+    if args.command == "run":
+        run_all(cfg, comm, run)
+    else:
+        run_stage(args.command, cfg, comm, run)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every shard of a shard set against its manifest."""
+    from .shards import verify
+
+    verify(args.dir)
+    print(f"{args.dir}: OK")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Forward to `python -m data_prep`."""
+    from data_prep.__main__ import main as prepare_main
+
+    return prepare_main(args.args)
+
+
+STAGE_HELP = {
+    "surrogate": "obtain and measure the surrogate feature extractor",
+    "cluster": "K-means of the training split in surrogate feature space",
+    "train": "train one perturbation generator per cluster (data-parallel)",
+    "export": "write the protected dataset (shards + protected.npz)",
+    "run": "every stage in order, skipping those already complete",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpc-uc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = sub.add_parser("info", help="versions, backends, world size and device")
+    info.add_argument("--backend", default="auto", help="communicator to start (auto|horovod|torch|mpi)")
+    info.set_defaults(func=cmd_info)
+    for name, text in STAGE_HELP.items():
+        stage = sub.add_parser(name, help=text)
+        stage.add_argument("config", help="YAML config (configs/*.yaml)")
+        stage.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key")
+        stage.set_defaults(func=cmd_stage)
+    verify = sub.add_parser("verify", help="check a shard set's files against its manifest")
+    verify.add_argument("dir")
+    verify.set_defaults(func=cmd_verify)
+    prepare = sub.add_parser("prepare", help="same as `python -m data_prep ...`", add_help=False)
+    prepare.add_argument("args", nargs=argparse.REMAINDER)
+    prepare.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a subcommand; a failure prints one line and ends every MPI rank."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        _fail(f"error: {describe(exc)}", 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # one line, then end the whole job
+        if os.environ.get("HPC_UC_TRACEBACK"):
+            raise
+        _fail(f"error: {describe(exc)} (set HPC_UC_TRACEBACK=1 for the traceback)", 1)
+    return 1
+
+
+def _fail(message: str, code: int) -> None:
+    """Print ``message`` once and end the job; under MPI, abort every rank."""
+    rank, size = _mpi_rank_size()
+    if size > 1:
+        if rank != 0:
+            time.sleep(1.0)  # a failure on every rank is then reported once, by rank 0
+        print(f"hpc-uc: rank {rank}/{size}: {message}", file=sys.stderr, flush=True)
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(code)
+    print(f"hpc-uc: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _mpi_rank_size() -> tuple[int, int]:
+    if "mpi4py.MPI" not in sys.modules:
+        return 0, 1
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

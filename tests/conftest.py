@@ -1,0 +1,56 @@
+"""Shared test set-up: the `mpi` marker, mpirun settings, and no hangs under mpirun."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# mpirun as root and with more ranks than cores (the Makefile sets these too).
+os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+os.environ.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "mpi: runs under `mpirun -np 2` (make test-mpi)")
+
+
+def mpirun(np: int = 2) -> list[str]:
+    """The mpirun prefix for a subprocess with ``np`` ranks."""
+    exe = shutil.which("mpirun")
+    if exe is None:
+        pytest.skip("mpirun not installed")
+    return [exe, "-np", str(np), "--oversubscribe"]
+
+
+def venv_bin(name: str) -> str:
+    """Path of a console script installed beside the running Python."""
+    return str(Path(sys.executable).with_name(name))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under mpirun, a failing test on one rank would leave the other waiting in a
+    collective: print the failure and abort the whole job instead."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when == "call" and _world_size() > 1:
+        from mpi4py import MPI
+
+        rank = MPI.COMM_WORLD.Get_rank()
+        print(f"\n[rank {rank}] FAILED {item.nodeid}\n{report.longreprtext}", file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(1)
+
+
+def _world_size() -> int:
+    if "mpi4py.MPI" not in sys.modules:
+        return 1
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_size()

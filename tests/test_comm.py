@@ -1,0 +1,75 @@
+"""Single-process communicator behaviour and whole-job failure handling under mpirun."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import mpirun, venv_bin
+from hpc_uc.comm import get_comm
+
+
+def test_size_one_calls_work_locally():
+    comm = get_comm("mpi")
+    assert (comm.rank, comm.size, comm.is_root, comm.device.type) == (0, 1, True, "cpu")
+    x = torch.arange(3.0)
+    assert torch.equal(comm.allreduce(x, op="sum"), x)
+    assert comm.broadcast({"a": 1}) == {"a": 1}
+    assert comm.gather(np.ones(2))[0].tolist() == [1.0, 1.0]
+    model = torch.nn.Linear(2, 1)
+    opt = comm.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    comm.barrier()
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_comm("nccl-please")
+
+
+def test_allreduce_rejects_unknown_op():
+    with pytest.raises(ValueError, match="op must be"):
+        get_comm("mpi").allreduce(torch.ones(1), op="max")
+
+
+@pytest.mark.parametrize("backend", ["mpi", "torch"])
+def test_exception_on_one_rank_ends_the_job(tmp_path, backend):
+    script = tmp_path / "fail.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from hpc_uc.comm import get_comm
+        comm = get_comm("{backend}")
+        if comm.rank == 1:
+            raise RuntimeError("boom on rank one")
+        comm.barrier()   # rank 0 would wait here forever without the abort
+        time.sleep(60)
+    """))
+    start = time.monotonic()
+    proc = subprocess.run([*mpirun(2), sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 30, f"job took {elapsed:.1f}s to end"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpc-uc: error")]
+    assert lines == ["hpc-uc: error on rank 1/2: RuntimeError: boom on rank one"]
+
+
+def test_info_without_mpirun():
+    out = subprocess.run([venv_bin("hpc-uc"), "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "world size: 1" in out.stdout
+
+
+def test_info_under_mpirun_shows_both_backends():
+    out = subprocess.run([*mpirun(2), venv_bin("hpc-uc"), "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "world size: 2" in out.stdout
+    assert "torch.distributed: available" in out.stdout
+    from hpc_uc.comm import horovod_available
+    if horovod_available():
+        assert "horovod: available" in out.stdout
