@@ -1,0 +1,239 @@
+"""ShardedDataset: each rank reads its own contiguous range of a shard set, in batches.
+
+Ranges (see docs/shard_format.md, "Remainder rule"): in training mode every rank gets
+``N // size`` contiguous samples of the split's global order and the last ``N % size`` are
+left out of the epoch; ``full=True`` gives the first ``N % size`` ranks one extra sample so
+that every sample is seen exactly once. ``cross_rank_shuffle=True`` deals fixed-size blocks
+of the global order to ranks in a new permutation every epoch (from seed and epoch).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import UserError
+from .shards import label_width, open_shard, partition, read_manifest, verify as verify_set
+
+CACHE_MODES = ("auto", "always", "never")
+CACHE_RAM_FRACTION = 0.25
+SPAN_READ_BYTES = 8 << 20  # read a covering slice instead of single rows up to this size
+
+
+def available_ram() -> int:
+    """Bytes of physical memory available now (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def squeeze_labels(labels: torch.Tensor) -> torch.Tensor:
+    """N×1 labels as N class indices (for cross-entropy); multi-label N×L left as is."""
+    return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
+
+
+class ShardedDataset:
+    """This rank's part of one split of a shard set.
+
+    ``comm`` is anything with ``rank``, ``size`` and ``device`` (a :class:`hpc_uc.comm.Comm`);
+    None means one process on the CPU. ``cache``: ``always`` keeps this rank's samples in
+    memory as uint8, ``never`` reads every batch from the shards, ``auto`` caches when they
+    take less than a quarter of the available RAM. ``verify``: None (default) checks the
+    sha256 of each shard this rank opens, True verifies the whole set on open, False checks
+    dataset shapes only.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, comm: Any = None, seed: int = 0,
+                 cache: str = "auto", cross_rank_shuffle: bool = False, full: bool = False,
+                 verify: bool | None = None, block_size: int = 256) -> None:
+        if cache not in CACHE_MODES:
+            raise UserError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+        if block_size < 1:
+            raise UserError(f"block_size must be positive, not {block_size}")
+        self.root = Path(root)
+        self.manifest = verify_set(self.root) if verify else read_manifest(self.root)
+        if split not in self.manifest["splits"]:
+            raise UserError(f"{self.root}: no split {split!r} (has {', '.join(self.manifest['splits'])})")
+        self.split, self.seed, self.full = split, seed, full
+        self.cross_rank_shuffle, self.block_size = cross_rank_shuffle, block_size
+        self.rank = getattr(comm, "rank", 0)
+        self.size = getattr(comm, "size", 1)
+        self.device = getattr(comm, "device", torch.device("cpu"))
+        self._check_hash = verify is None
+        counts = [e["count"] for e in self.manifest["splits"][split]["shards"]]
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_samples = int(self._offsets[-1])
+        if not full and self.num_samples < self.size:
+            raise UserError(f"{self.root}: split {split!r} has {self.num_samples} samples, "
+                            f"fewer than the {self.size} ranks")
+        self.start, self.stop = partition(self.num_samples, self.size, self.rank, full)
+        self._shards: dict[int, _Shard] = {}
+        image_bytes = self.image_size ** 2 * self.channels
+        self.cached = cache == "always" or (cache == "auto" and len(self) * image_bytes
+                                             < CACHE_RAM_FRACTION * available_ram())
+        self._cache: tuple[int | None, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._touch(self.positions(0))
+        if self.cached:
+            self._arrays(0)
+            if not cross_rank_shuffle:
+                self.close()
+
+    # ---- metadata ------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        return self.manifest["channels"]
+
+    @property
+    def image_size(self) -> int:
+        return self.manifest["image_size"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["num_classes"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest["class_names"]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def label_width(self) -> int:
+        return label_width(self.task, self.num_classes)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        """Batches per epoch on this rank (the same on every rank unless ``full=True``)."""
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    # ---- which samples -------------------------------------------------------------------
+    def positions(self, epoch: int = 0) -> np.ndarray:
+        """Sorted global positions this rank reads in ``epoch`` (before the local shuffle)."""
+        if not self.cross_rank_shuffle:
+            return np.arange(self.start, self.stop, dtype=np.int64)
+        n, b = self.num_samples, self.block_size
+        blocks = np.random.default_rng([self.seed, epoch]).permutation(-(-n // b))
+        dealt = np.concatenate([np.arange(k * b, min((k + 1) * b, n)) for k in blocks])
+        return np.sort(dealt[self.start:self.stop]).astype(np.int64)
+
+    def local_arrays(self, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(images uint8 N×H×W×C, labels int64 N×L, index int64 N)`` of this rank, in global order."""
+        return self._arrays(epoch) if self.cached else self._read(self.positions(epoch))
+
+    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = True,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(images float32 N×C×H×W in [0,1], labels int64 N×L, index int64 N)`` on the
+        communicator's device; ``batch_size`` is per rank. The local order is reshuffled
+        each epoch from ``(seed, rank, epoch)``."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be positive, not {batch_size}")
+        positions = self.positions(epoch)
+        order = (np.random.default_rng([self.seed, self.rank, epoch]).permutation(len(positions))
+                 if shuffle else np.arange(len(positions)))
+        arrays = self._arrays(epoch) if self.cached else None
+        for lo in range(0, len(order), batch_size):
+            pick = order[lo:lo + batch_size]
+            if drop_last and len(pick) < batch_size:
+                break
+            if arrays is not None:
+                yield self._tensors(*(a[pick] for a in arrays))
+            else:
+                sort = np.argsort(pick)
+                inverse = np.empty_like(sort)
+                inverse[sort] = np.arange(len(sort))
+                yield self._tensors(*(a[inverse] for a in self._read(positions[pick[sort]])))
+
+    def _tensors(self, images: np.ndarray, labels: np.ndarray, index: np.ndarray):
+        """NHWC uint8 -> NCHW float in [0,1]: in numpy on the CPU (small torch ops there pay
+        thread-pool overhead), on the device after a uint8 copy elsewhere."""
+        if self.device.type == "cpu":
+            x = torch.from_numpy(np.divide(images.transpose(0, 3, 1, 2), np.float32(255),
+                                           dtype=np.float32))
+        else:
+            x = torch.from_numpy(images).to(self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).contiguous().float().div_(255)
+        return x, torch.from_numpy(labels).to(self.device), torch.from_numpy(index).to(self.device)
+
+    # ---- reading -------------------------------------------------------------------------
+    def _arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's cached arrays for ``epoch`` (loaded once, or once per epoch when dealt)."""
+        key = epoch if self.cross_rank_shuffle else None
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._read(self.positions(epoch)))
+        return self._cache[1]
+
+    def _shard(self, shard: int) -> "_Shard":
+        """An open shard: its images dataset, and its labels and index read whole (small)."""
+        if shard not in self._shards:
+            f = open_shard(self.root, self.manifest, self.split, shard, check_hash=self._check_hash)
+            self._shards[shard] = _Shard(f, f["images"], f["labels"][:], f["index"][:])
+        return self._shards[shard]
+
+    def _touch(self, positions: np.ndarray) -> None:
+        """Open (and so check) every shard that ``positions`` fall in."""
+        for shard in np.unique(np.searchsorted(self._offsets, positions, side="right") - 1):
+            self._shard(int(shard))
+
+    def _read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Images, labels and index at sorted global ``positions`` (images read per shard piece)."""
+        s, c = self.image_size, self.channels
+        images = np.empty((len(positions), s, s, c), np.uint8)
+        labels = np.empty((len(positions), self.label_width), np.int64)
+        index = np.empty(len(positions), np.int64)
+        shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
+        bounds = np.flatnonzero(np.diff(shard_of)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(positions)]):
+            if lo == hi:
+                continue
+            shard = int(shard_of[lo])
+            local = positions[lo:hi] - self._offsets[shard]
+            opened = self._shard(shard)
+            images[lo:hi] = _take(opened.images, local)
+            labels[lo:hi], index[lo:hi] = opened.labels[local], opened.index[local]
+        return images, labels, index
+
+    def close(self) -> None:
+        """Close the open shard files (they reopen on demand)."""
+        for opened in self._shards.values():
+            opened.file.close()
+        self._shards.clear()
+
+    def __enter__(self) -> "ShardedDataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Shard(NamedTuple):
+    file: h5py.File
+    images: h5py.Dataset
+    labels: np.ndarray
+    index: np.ndarray
+
+
+def _take(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Rows (sorted, unique) of ``ds``: one read of the covering slice when that is small,
+    else one read per HDF5 chunk touched (h5py point selections are far slower)."""
+    first, last = int(rows[0]), int(rows[-1]) + 1
+    if last - first == len(rows):
+        return ds[first:last]
+    row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:]))
+    if (last - first) * row_bytes <= SPAN_READ_BYTES:
+        return ds[first:last][rows - first]
+    out = np.empty((len(rows),) + ds.shape[1:], ds.dtype)
+    chunk_of = rows // (ds.chunks[0] if ds.chunks else len(ds))
+    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]):
+        start = int(rows[lo])
+        out[lo:hi] = ds[start:int(rows[hi - 1]) + 1][rows[lo:hi] - start]
+    return out
