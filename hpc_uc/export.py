@@ -1,0 +1,96 @@
+"""Stage `export`: the protected dataset, as shards (every rank writes its own) and npz.
+
+Each training image gets the perturbation of its own cluster, is clamped to [0, 1] and
+quantised to uint8 so that it stays within epsilon of the clean image (L-inf, after
+rounding). Labels are unchanged; val/test are copied untouched. The perturbations stay in
+RUN_DIR/perturbations.h5 and never enter the export.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .atomic import atomic_path
+from .comm import Comm
+from .config import config_hash
+from .generator import ClusterTargets, load_perturbations
+from .reader import ShardedDataset
+from .rundir import RunDir
+from .shards import ShardSetWriter, open_shard
+
+
+def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str) -> np.ndarray:
+    """uint8 N×H×W×C images plus float N×H×W×C perturbations -> protected uint8 images.
+
+    For ``linf`` the quantised difference is clipped to floor(255·epsilon) grey levels, so
+    |protected - clean| <= epsilon holds exactly after rounding.
+    """
+    clean = images.astype(np.float32) / 255.0
+    out = np.rint(np.clip(clean + delta, 0.0, 1.0) * 255.0)
+    if norm == "linf":
+        levels = math.floor(255.0 * epsilon + 1e-6)
+        base = images.astype(np.float32)
+        out = np.clip(out, base - levels, base + levels)
+    return out.astype(np.uint8)
+
+
+def read_whole_split(directory, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All of one split's (images, labels, index), in shard order (single process)."""
+    parts = []
+    for i in range(len(manifest["splits"][split]["shards"])):
+        with open_shard(directory, manifest, split, i) as f:
+            parts.append((f["images"][()], f["labels"][()], f["index"][()]))
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+
+def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    """Write RUN_DIR/protected/ (shards + manifest) and RUN_DIR/protected.npz."""
+    data = ShardedDataset(cfg["data_dir"], "train", comm, seed=cfg["seed"], cache=cfg["cache"], full=True)
+    images, labels, index = data.local_arrays()
+    delta = load_perturbations(run.perturbations).transpose(0, 2, 3, 1)  # K×H×W×C
+    clusters = ClusterTargets(run.clusters, cfg["target_offset"], comm.device).cluster_of[index]
+    protected = protect(images, delta[clusters], cfg["epsilon"], cfg["norm"])
+    source = data.manifest
+    manifest = {**source, "dataset": f"{source['dataset']}-protected",
+                "source": {"file": str(cfg["data_dir"]), "md5": None},
+                "extra": {**source.get("extra", {}), "protection": protection_record(cfg, comm, run)}}
+    others = [s for s in source["splits"] if s != "train"]
+    with ShardSetWriter(run.protected, comm, overwrite=True) as writer:
+        writer.write("train", protected, labels, index, shard_id=comm.rank, num_shards=comm.size)
+        clean = {}
+        if comm.is_root:
+            for split in others:
+                clean[split] = read_whole_split(cfg["data_dir"], source, split)
+                writer.write(split, *clean[split], shard_id=0, num_shards=1)
+        writer.commit(manifest)
+    parts = comm.gather((protected, labels, index))
+    if comm.is_root:
+        order = np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")
+        train = (np.concatenate([p[0] for p in parts])[order], np.concatenate([p[1] for p in parts])[order])
+        write_medmnist_npz(run.protected_npz, {"train": train, **{s: clean[s][:2] for s in others}})
+        print(f"export: {len(order)} protected training images -> {run.protected} and {run.protected_npz}",
+              flush=True)
+    comm.barrier()
+    return {"train_images": int(data.num_samples)}
+
+
+def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    """What the manifest says about how the data was protected."""
+    surrogate = cfg["surrogate"]
+    return {"method": "unlearnable-clusters", "epsilon": cfg["epsilon"], "norm": cfg["norm"],
+            "clusters": cfg["clusters"], "seed": cfg["seed"],
+            "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
+            "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
+            "config_sha256": config_hash(cfg)}
+
+
+def write_medmnist_npz(path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """MedMNIST's key layout: `<split>_images` (N×H×W gray or N×H×W×3) and `<split>_labels` (uint8 N×L)."""
+    arrays = {}
+    for split, (images, labels) in splits.items():
+        arrays[f"{split}_images"] = images[..., 0] if images.shape[-1] == 1 else images
+        arrays[f"{split}_labels"] = labels.astype(np.uint8)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)

@@ -1,0 +1,132 @@
+"""Shared training pieces: LR schedule, progress, a data-parallel classifier loop, prediction."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .atomic import append_jsonl
+from .comm import Comm
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``peak`` down to ``floor``."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def progress(items: Iterable, comm: Comm, desc: str, total: int | None = None) -> Iterator:
+    """tqdm on rank 0 when stderr is a terminal; the plain iterable otherwise."""
+    if comm.is_root and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return iter(tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True))
+    return iter(items)
+
+
+def is_multilabel(task: str) -> bool:
+    return task.startswith("multi-label")
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy (single label, labels N×1) or BCE-with-logits (multi-label, N×L)."""
+    if is_multilabel(task):
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels[:, 0])
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON line per record to RUN_DIR/metrics.jsonl."""
+
+    def __init__(self, path, comm: Comm, stage: str) -> None:
+        self.path, self.comm, self.stage = path, comm, stage
+
+    def write(self, **record) -> None:
+        if self.comm.is_root:
+            append_jsonl(self.path, {"stage": self.stage, "time": round(time.time(), 3), **record})
+
+
+def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: int, lr: float,
+                     weight_decay: float, batch_per_rank: int, task: str,
+                     warmup_epochs: int = 0, milestones: tuple[float, ...] | None = None,
+                     on_epoch: Callable[[int, float], None] | None = None) -> None:
+    """Data-parallel supervised training with Adam (gradients averaged by the communicator).
+
+    ``milestones`` (fractions of training) switch to step decay x0.1 instead of cosine.
+    """
+    model.to(comm.device)
+    comm.broadcast_model(model)
+    opt = comm.distributed_optimizer(
+        torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay), model)
+    steps_per_epoch = max(1, len(train_ds) // batch_per_rank)
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        batches = train_ds.batches(batch_per_rank, epoch=epoch, shuffle=True, drop_last=True)
+        for images, labels, _ in progress(batches, comm, f"epoch {epoch + 1}/{epochs}", steps_per_epoch):
+            if milestones is not None:
+                decay = sum(step >= m * total for m in milestones)
+                set_lr(opt, lr * 0.1 ** decay)
+            else:
+                set_lr(opt, lr_at(step, total, warmup, lr))
+            opt.zero_grad(set_to_none=True)
+            out = model(images)
+            loss = classification_loss(out[0] if isinstance(out, tuple) else out, labels, task)
+            loss.backward()
+            opt.step()
+            loss_sum += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
+            step += 1
+        loss_sum = comm.allreduce(loss_sum, op="sum")
+        if on_epoch is not None:
+            on_epoch(epoch, float(loss_sum[0] / max(1.0, loss_sum[1])))
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, full_ds, comm: Comm, batch_per_rank: int = 256,
+            forward: Callable | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Scores and labels of every sample (each seen once across ranks), ordered by index.
+
+    Returns (scores N×C, labels N×L) on rank 0, None elsewhere.
+    """
+    model.eval()
+    forward = forward or model
+    scores, labels, index = [], [], []
+    for images, y, idx in full_ds.batches(batch_per_rank, epoch=0, shuffle=False, drop_last=False):
+        out = forward(images)
+        out = out[0] if isinstance(out, tuple) else out
+        scores.append(out.float().cpu())
+        labels.append(y.cpu())
+        index.append(idx.cpu())
+    local = (torch.cat(scores).numpy() if scores else np.zeros((0, 0), np.float32),
+             torch.cat(labels).numpy() if labels else np.zeros((0, 1), np.int64),
+             torch.cat(index).numpy() if index else np.zeros(0, np.int64))
+    parts = comm.gather(local)
+    if not comm.is_root:
+        return None
+    parts = [p for p in parts if len(p[2])]
+    s = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    order = np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")
+    return s[order], y[order]
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray, task: str) -> float:
+    """Top-1 accuracy (single label) or per-label accuracy at logit 0 (multi-label)."""
+    if is_multilabel(task):
+        return float(((scores > 0).astype(np.int64) == labels).mean())
+    return float((scores.argmax(1) == labels[:, 0]).mean())
