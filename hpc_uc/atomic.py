@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 
 @contextmanager
 def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
@@ -40,6 +38,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def save_torch(path: str | Path, obj: Any) -> None:
     """torch.save atomically (tensors and plain containers only, so weights_only loads it)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(path, buf.getvalue())
@@ -47,6 +47,8 @@ def save_torch(path: str | Path, obj: Any) -> None:
 
 def load_torch(path: str | Path) -> Any:
     """Load a file written by :func:`save_torch` without unpickling arbitrary objects."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

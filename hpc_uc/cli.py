@@ -22,9 +22,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage, or every stage (`run`), for CONFIG plus key=value overrides."""
     from .config import load_config
-    from .pipeline import run_all, run_stage, start
 
     cfg = load_config(args.config, args.overrides)
+    from .pipeline import run_all, run_stage, start
+
     comm, run = start(cfg)
     if args.command == "run":
         run_all(cfg, comm, run)

@@ -37,15 +37,9 @@ def local_features(surrogate, data: ShardedDataset, batch: int = 256):
     return torch.cat(feats), torch.cat(labels).numpy(), torch.cat(index).numpy()
 
 
-def check_clusters(cfg: dict, num_samples: int) -> None:
-    if cfg["clusters"] > num_samples:
-        raise UserError(f"clusters={cfg['clusters']} is more than the {num_samples} training samples")
-
-
 def run_cluster(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """Cluster the training split in surrogate feature space; rank 0 writes clusters.npz."""
     data = ShardedDataset(cfg["data_dir"], "train", comm, seed=cfg["seed"], cache=cfg["cache"], full=True)
-    check_clusters(cfg, data.num_samples)
     surrogate = load_frozen_surrogate(cfg, run, data.manifest, comm.device)
     feats, labels, index = local_features(surrogate, data)
     km = cfg["kmeans"]

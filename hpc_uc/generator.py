@@ -112,7 +112,7 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
         for i, (x, _, idx) in enumerate(progress(batches, comm, f"generators {epoch + 1}/{g['epochs']}", steps)):
             step_lr = lr_at(epoch * steps + i, total, warmup, lr, g["min_lr"])
             set_lr(opt, step_lr)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             with torch.autocast(comm.device.type, dtype=torch.bfloat16, enabled=g["bf16"]):
                 loss = generator_loss(surrogate, x, idx, deltas(gens, noise, cfg), targets, g["train_on"])
             loss.backward()

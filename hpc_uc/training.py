@@ -84,7 +84,7 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
                 set_lr(opt, lr * 0.1 ** decay)
             else:
                 set_lr(opt, lr_at(step, total, warmup, lr))
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             out = model(images)
             loss = classification_loss(out[0] if isinstance(out, tuple) else out, labels, task)
             loss.backward()

@@ -54,3 +54,14 @@ def _world_size() -> int:
     from mpi4py import MPI
 
     return MPI.COMM_WORLD.Get_size()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The embedded default data set (scikit-learn digits) as a 2-shard set, built once."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    subprocess.run([sys.executable, "-m", "data_prep", "digits", "--shards", "2", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    return out

@@ -1,0 +1,89 @@
+"""Config resolution and every bad-config error: one line, before any heavy work."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, venv_bin
+from hpc_uc.config import check_world, load_config, parse_override, scaled_lr
+from hpc_uc.errors import UserError
+
+DIGITS = REPO / "configs" / "digits.yaml"
+
+
+def test_overrides_profiles_and_nesting():
+    cfg = load_config(DIGITS, ["generator.epochs=3", "epsilon=0.03", "profile=paper"])
+    assert cfg["generator"]["epochs"] == 3 and cfg["epsilon"] == 0.03
+    assert cfg["profile"] == "paper" and cfg["surrogate"]["epochs"] == 15
+    fast = load_config(DIGITS, ["profile=fast"])
+    assert fast["surrogate"]["epochs"] == 8 and fast["generator"]["base_filters"] == 16
+    assert parse_override("a.b=null") == {"a": {"b": None}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("no_such_key=1", "unknown config key 'no_such_key'"),
+    ("generator.nope=1", "unknown config key 'generator.nope'"),
+    ("epsilon=0", "epsilon must be in (0, 1]"),
+    ("epsilon=1.5", "epsilon must be in (0, 1]"),
+    ("clusters=1", "clusters (K) must be at least 2"),
+    ("norm=l3", "norm must be one of"),
+    ("batch_size=0", "batch_size must be at least 1"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(DIGITS, [override])
+    assert message in str(err.value)
+
+
+def test_batch_must_divide_over_ranks():
+    cfg = load_config(DIGITS, ["batch_size=63"])
+    with pytest.raises(UserError, match="multiple of the number of ranks"):
+        check_world(cfg, 2)
+    assert check_world(load_config(DIGITS, ["batch_size=64"]), 2) == 32
+    with pytest.raises(UserError):
+        check_world(load_config(DIGITS, ["batch_size=1"]), 2)
+
+
+def test_lr_scaling():
+    cfg = load_config(DIGITS, ["lr_scaling=sqrt"])
+    assert scaled_lr(cfg, 1e-3, 1024) == pytest.approx(2e-3)
+    cfg = load_config(DIGITS, ["lr_scaling=linear"])
+    assert scaled_lr(cfg, 1e-3, 64) == pytest.approx(2.5e-4)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([venv_bin("hpc-uc"), *args], capture_output=True, text=True, timeout=120)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("bogus=1", "unknown config key"),
+    ("epsilon=-0.1", "epsilon must be in (0, 1]"),
+    ("data_dir=/nonexistent/digits", "does not exist"),
+])
+def test_cli_bad_config_is_one_line(override, fragment, tmp_path):
+    _one_line_error(_cli("train", str(DIGITS), override, f"run_dir={tmp_path / 'run'}"), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_checks_data_dependent_values_before_work(digits_dir, tmp_path):
+    run = f"run_dir={tmp_path / 'run'}"
+    data = f"data_dir={digits_dir}"
+    _one_line_error(_cli("run", str(DIGITS), data, run, "clusters=5000"), "more than the")
+    not_weights = tmp_path / "list.pt"
+    torch.save([1, 2, 3], not_weights)
+    _one_line_error(_cli("run", str(DIGITS), data, run, f"surrogate.weights={not_weights}"), str(not_weights))
+    _one_line_error(_cli("run", str(DIGITS), data, run, "surrogate.weights=/no/such.pt"), "is not a file")
+
+
+def test_missing_config_file():
+    _one_line_error(_cli("run", "/no/such.yaml"), "not found")

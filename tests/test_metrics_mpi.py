@@ -1,0 +1,53 @@
+"""Metrics gathered from 2 ranks, each holding a slice of the predictions, equal the
+single-process metrics of the whole arrays."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpc_uc.comm import get_comm
+from hpc_uc.metrics import gathered_metrics, medmnist_metrics
+
+pytestmark = pytest.mark.mpi
+
+TASKS = [("multi-class", 4), ("binary-class", 2), ("multi-label, binary-class", 3),
+         ("ordinal-regression", 5)]
+
+
+@pytest.fixture(params=["mpi", "torch"])
+def comm(request):
+    c = get_comm(request.param)
+    if c.size < 2:
+        pytest.skip("needs mpirun -np 2 or more")
+    return c
+
+
+def _full(task: str, classes: int, n: int = 23) -> tuple[np.ndarray, np.ndarray]:
+    """The same hand-made predictions on every rank (fixed seed)."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(n, classes)).astype(np.float32)
+    if task.startswith("multi-label"):
+        labels = (logits + rng.normal(size=logits.shape) > 0).astype(np.int64)
+    else:
+        labels = (np.arange(n) % classes)[:, None].astype(np.int64)
+        logits[np.arange(n), labels[:, 0]] += 1.0
+    return labels, logits
+
+
+@pytest.mark.parametrize("task,classes", TASKS)
+def test_gathered_equals_single_process(comm, task, classes):
+    labels, logits = _full(task, classes)
+    mine = np.array_split(np.arange(len(labels)), comm.size)[comm.rank]  # 12 + 11 samples
+    got = gathered_metrics(comm, task, labels[mine], logits[mine])
+    if comm.is_root:
+        assert got == medmnist_metrics(task, labels, logits)
+    else:
+        assert got is None
+
+
+def test_empty_rank_is_skipped(comm):
+    labels, logits = _full("multi-class", 4)
+    mine = slice(None) if comm.is_root else slice(0, 0)
+    got = gathered_metrics(comm, "multi-class", labels[mine], logits[mine])
+    if comm.is_root:
+        assert got == medmnist_metrics("multi-class", labels, logits)
