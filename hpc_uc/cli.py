@@ -34,6 +34,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print RUN_DIR/results.json as a table and save it as RUN_DIR/report.md."""
+    from .report import report
+
+    print(report(args.run_dir), end="")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check every shard of a shard set against its manifest."""
     from .shards import verify
@@ -55,6 +63,7 @@ STAGE_HELP = {
     "cluster": "K-means of the training split in surrogate feature space",
     "train": "train one perturbation generator per cluster (data-parallel)",
     "export": "write the protected dataset (shards + protected.npz)",
+    "evaluate": "train victims on clean and protected data; write results.json",
     "run": "every stage in order, skipping those already complete",
 }
 
@@ -70,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("config", help="YAML config (configs/*.yaml)")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key")
         stage.set_defaults(func=cmd_stage)
+    rep = sub.add_parser("report", help="results.json of a run as a table (also report.md)")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
     verify = sub.add_parser("verify", help="check a shard set's files against its manifest")
     verify.add_argument("dir")
     verify.set_defaults(func=cmd_verify)

@@ -57,6 +57,18 @@ DEFAULTS: dict[str, Any] = {
         "bf16": False,            # autocast bf16 (GPU/CPUs with bf16 support)
         "channels_last": False,
     },
+    "victim": {                   # MedMNIST v2's protocol by default
+        "arch": "resnet18",
+        "stem": "auto",           # auto (small for <= 64 px) | small | standard
+        "epochs": 100,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "batch_size": 128,        # global; lr is scaled against base_batch_size 128
+        "base_batch_size": 128,
+        "milestones": [0.5, 0.75],  # x0.1 at these fractions of training
+    },
+    "defenses": [],               # jpeg10, jpeg50, grayscale, cutmix, mixup, pgd
+    "defense": {"pgd_epsilon": 8 / 255, "pgd_steps": 5, "pgd_step_size": 2 / 255},
 }
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -64,6 +76,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "fast": {
         "surrogate": {"epochs": 4},
         "generator": {"epochs": 4, "base_filters": 16, "n_blocks": 2, "lr": 1e-3},
+        "victim": {"epochs": 10},
     },
 }
 
@@ -75,6 +88,8 @@ CHOICES = {
     "cache": ("auto", "always", "never"),
     "surrogate.arch": ("resnet18", "resnet50"),
     "surrogate.stem": ("auto", "small", "standard"),
+    "victim.arch": ("resnet18", "resnet50"),
+    "victim.stem": ("auto", "small", "standard"),
     "generator.train_on": ("all", "cluster"),
 }
 
@@ -154,7 +169,10 @@ def validate(cfg: dict) -> None:
     eps = cfg["epsilon"]
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= 1:
         raise UserError(f"epsilon must be in (0, 1] (images are in [0, 1]), not {eps!r}")
-    for key in ("batch_size", "clusters", "surrogate.batch_size", "generator.epochs", "seed"):
+    if not isinstance(cfg["defenses"], list):
+        raise UserError(f"defenses must be a list such as [jpeg10, grayscale], not {cfg['defenses']!r}")
+    for key in ("batch_size", "clusters", "surrogate.batch_size", "generator.epochs", "seed",
+                "victim.epochs", "victim.batch_size"):
         value = get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f"{key} must be a non-negative integer, not {value!r}")
@@ -173,9 +191,9 @@ def check_world(cfg: dict, world_size: int, key: str = "batch_size") -> int:
     return batch // world_size
 
 
-def scaled_lr(cfg: dict, lr: float, batch: int) -> float:
-    """Learning rate scaled for the global batch against base_batch_size."""
-    ratio = batch / cfg["base_batch_size"]
+def scaled_lr(cfg: dict, lr: float, batch: int, base: int | None = None) -> float:
+    """Learning rate scaled for the global batch against ``base`` (default base_batch_size)."""
+    ratio = batch / (base or cfg["base_batch_size"])
     return {"none": lr, "linear": lr * ratio, "sqrt": lr * ratio ** 0.5}[cfg["lr_scaling"]]
 
 

@@ -17,6 +17,7 @@ STAGE_FUNCS: dict[str, str] = {
     "cluster": "cluster:run_cluster",
     "train": "generator:run_train",
     "export": "export:run_export",
+    "evaluate": "evaluate:run_evaluate",
 }
 
 
@@ -74,10 +75,9 @@ def run_stage(name: str, cfg: dict, comm, run: RunDir) -> dict:
     seconds = time.perf_counter() - began
     if comm.is_root:
         run.mark_done(cfg, name)
-        timings_path = run.root / "timings.json"
-        timings = read_json(timings_path) if timings_path.is_file() else {}
+        timings = read_json(run.timings) if run.timings.is_file() else {}
         timings[name] = round(seconds, 2)
-        write_json(timings_path, timings)
+        write_json(run.timings, timings)
         print(f"== {name} done in {seconds:.1f}s", flush=True)
     comm.barrier()
     return info
@@ -91,3 +91,7 @@ def run_all(cfg: dict, comm, run: RunDir, stages: tuple[str, ...] = STAGES) -> N
                 print(f"== {name}: up to date, skipped", flush=True)
             continue
         run_stage(name, cfg, comm, run)
+    if "evaluate" in stages and comm.is_root:
+        from .report import report
+
+        print(report(run.root), end="", flush=True)

@@ -17,6 +17,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "cluster": ("clusters", "kmeans"),
     "train": ("batch_size", "epsilon", "norm", "target_offset", "generator"),
     "export": (),
+    "evaluate": ("victim", "defenses", "defense"),
 }
 STAGES = tuple(STAGE_KEYS)
 
@@ -47,6 +48,8 @@ class RunDir:
     protected = property(lambda self: self.root / "protected")
     protected_npz = property(lambda self: self.root / "protected.npz")
     results = property(lambda self: self.root / "results.json")
+    report = property(lambda self: self.root / "report.md")
+    timings = property(lambda self: self.root / "timings.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     config = property(lambda self: self.root / "config.yaml")
     _stages = property(lambda self: self.root / "stages.json")

@@ -62,10 +62,13 @@ class MetricsLog:
 def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: int, lr: float,
                      weight_decay: float, batch_per_rank: int, task: str,
                      warmup_epochs: int = 0, milestones: tuple[float, ...] | None = None,
-                     on_epoch: Callable[[int, float], None] | None = None) -> None:
+                     on_epoch: Callable[[int, float], None] | None = None,
+                     defense: Callable | None = None, seed: int = 0) -> None:
     """Data-parallel supervised training with Adam (gradients averaged by the communicator).
 
     ``milestones`` (fractions of training) switch to step decay x0.1 instead of cosine.
+    ``defense(images, labels, task, model, generator) -> (images, loss_fn)`` transforms each
+    batch (hpc_uc.defenses); its randomness comes from (seed, rank).
     """
     model.to(comm.device)
     comm.broadcast_model(model)
@@ -73,6 +76,7 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
         torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay), model)
     steps_per_epoch = max(1, len(train_ds) // batch_per_rank)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    gen = torch.Generator().manual_seed(seed * 1000 + comm.rank)
     step = 0
     for epoch in range(epochs):
         model.train()
@@ -84,9 +88,13 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
                 set_lr(opt, lr * 0.1 ** decay)
             else:
                 set_lr(opt, lr_at(step, total, warmup, lr))
+            if defense is not None:
+                images, loss_fn = defense(images, labels, task, model, gen)
+            else:
+                loss_fn = lambda logits: classification_loss(logits, labels, task)  # noqa: E731
             opt.zero_grad()
             out = model(images)
-            loss = classification_loss(out[0] if isinstance(out, tuple) else out, labels, task)
+            loss = loss_fn(out[0] if isinstance(out, tuple) else out)
             loss.backward()
             opt.step()
             loss_sum += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)

@@ -21,7 +21,7 @@ from typing import Sequence
 from hpc_uc.config import load_config
 from hpc_uc.errors import UserError
 
-from .plan import Plan, plan
+from .plan import Plan, plan, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).with_name("templates")
@@ -124,24 +124,24 @@ def resolve(opts: JobOptions) -> tuple[Plan, dict]:
     path = config_path(opts.dataset)
     if opts.hostfile is not None and opts.scheduler != "mpirun":
         raise UserError("--hostfile is for mpirun; the scheduler places the ranks")
-    gpn = SCHEDULERS[opts.scheduler].gpus_per_node if opts.gpus_per_node is None else opts.gpus_per_node
-    job_plan = plan(opts.batch_size, gpn, nodes=opts.nodes, np=opts.np, per_gpu_batch=opts.per_gpu_batch)
+    batch = positive_int(opts.batch_size, "batch size (--batch-size, BS=)")
     parse_walltime(opts.walltime)
     if opts.backend not in BACKENDS:
         raise UserError(f"backend must be one of {', '.join(BACKENDS)}, not {opts.backend!r}")
     if opts.profile is not None and opts.profile not in PROFILES:
         raise UserError(f"profile must be one of {', '.join(PROFILES)}, not {opts.profile!r}")
     check_overrides(opts.overrides)
-    fixed = [f"batch_size={job_plan.batch_size}", f"backend={opts.backend}"]
+    fixed = [f"batch_size={batch}", f"backend={opts.backend}"]
     fixed += [f"profile={opts.profile}"] if opts.profile else []
     try:
         cfg = load_config(path, [*fixed, *opts.overrides])
     except UserError as exc:
         raise UserError(f"configs/{path.name} with these options: {exc}") from None
-    surrogate_batch = cfg["surrogate"]["batch_size"]
-    if cfg["surrogate"]["weights"] == "pretrain" and surrogate_batch % job_plan.ranks:
-        raise UserError(f"surrogate.batch_size={surrogate_batch} is not divisible by {job_plan.ranks} "
-                        f"ranks: add --set surrogate.batch_size=<a multiple of {job_plan.ranks}>")
+    # The surrogate pre-trains data-parallel with its own global batch: ranks must divide it too.
+    surrogate = cfg["surrogate"]
+    also = {"surrogate.batch_size": surrogate["batch_size"]} if surrogate["weights"] == "pretrain" else {}
+    gpn = SCHEDULERS[opts.scheduler].gpus_per_node if opts.gpus_per_node is None else opts.gpus_per_node
+    job_plan = plan(batch, gpn, nodes=opts.nodes, np=opts.np, per_gpu_batch=opts.per_gpu_batch, also=also)
     return job_plan, cfg
 
 
