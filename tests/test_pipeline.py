@@ -1,0 +1,98 @@
+"""The whole UC pipeline on the embedded digits, single process, tiny but real settings."""
+from __future__ import annotations
+
+import json
+import math
+import stat
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO
+from hpc_uc.config import load_config
+from hpc_uc.export import protect, read_whole_split
+from hpc_uc.pipeline import run_all, start
+from hpc_uc.report import validate_results
+from hpc_uc.shards import read_manifest, verify
+
+TINY = ["profile=fast", "backend=mpi", "surrogate.epochs=1", "surrogate.stem=standard",
+        "generator.epochs=2", "generator.base_filters=8", "generator.n_blocks=1",
+        "generator.train_on=cluster", "victim.epochs=1", "victim.stem=standard", "batch_size=64"]
+
+
+def tiny_config(data_dir, run_dir, *extra: str) -> dict:
+    return load_config(REPO / "configs" / "digits.yaml",
+                       [*TINY, f"data_dir={data_dir}", f"run_dir={run_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "digits"
+    cfg = tiny_config(digits_dir, run_dir)
+    comm, run = start(cfg)
+    run_all(cfg, comm, run)
+    return cfg, run
+
+
+def test_protected_images_stay_within_epsilon(finished_run, digits_dir):
+    cfg, run = finished_run
+    clean_m, prot_m = read_manifest(digits_dir), verify(run.protected)
+    clean, labels, index = read_whole_split(digits_dir, clean_m, "train")
+    prot, prot_labels, prot_index = read_whole_split(run.protected, prot_m, "train")
+    order = np.argsort(prot_index)
+    assert np.array_equal(prot_index[order], index)
+    assert np.array_equal(prot_labels[order], labels)
+    diff = np.abs(prot[order].astype(np.int16) - clean.astype(np.int16))
+    assert diff.max() <= math.floor(cfg["epsilon"] * 255 + 1e-6)
+    assert diff.mean() > 1.0  # the perturbation is really there
+    for split in ("val", "test"):  # untouched
+        assert np.array_equal(read_whole_split(run.protected, prot_m, split)[0],
+                              read_whole_split(digits_dir, clean_m, split)[0])
+    record = prot_m["extra"]["protection"]
+    assert record["method"] == "unlearnable-clusters" and record["clusters"] == cfg["clusters"]
+
+
+def test_secret_perturbations_stay_out_of_the_export(finished_run):
+    _, run = finished_run
+    assert stat.S_IMODE(run.perturbations.stat().st_mode) == 0o600
+    with h5py.File(run.perturbations) as f:
+        assert f["delta"].shape == (10, 1, 28, 28)
+    assert not any("perturb" in p.name for p in run.protected.iterdir())
+
+
+def test_protected_npz_has_medmnist_layout(finished_run, digits_dir):
+    _, run = finished_run
+    with np.load(run.protected_npz) as npz:
+        assert sorted(npz.files) == sorted(f"{s}_{k}" for s in ("train", "val", "test")
+                                           for k in ("images", "labels"))
+        assert npz["train_images"].dtype == np.uint8 and npz["train_images"].shape[1:] == (28, 28)
+        assert npz["train_labels"].dtype == np.uint8 and npz["train_labels"].shape[1] == 1
+
+
+def test_results_follow_schema_and_report_exists(finished_run):
+    _, run = finished_run
+    doc = json.loads(run.results.read_text())
+    validate_results(doc)
+    assert doc["world_size"] == 1 and doc["clusters"] == 10
+    assert 0 <= doc["protected"]["test_acc"] <= 1
+    assert doc["linf"] <= 16 / 255 + 1e-6
+    assert "protection gain" in run.report.read_text()
+
+
+def test_rerun_skips_completed_stages(finished_run, capsys):
+    cfg, run = finished_run
+    before = run.results.stat().st_mtime_ns
+    comm, run = start(cfg)
+    run_all(cfg, comm, run)
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 5
+    assert run.results.stat().st_mtime_ns == before
+
+
+def test_quantisation_bound_is_exact():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
+    delta = rng.uniform(-1, 1, (50, 8, 8, 1)).astype(np.float32) * (16 / 255)
+    out = protect(images, delta, 16 / 255, "linf")
+    assert np.abs(out.astype(int) - images.astype(int)).max() <= 16
