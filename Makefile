@@ -12,7 +12,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_rmaps_base_oversubscribe := 1
 MPIRUN ?= mpirun -np $(NP) --oversubscribe
 
-.PHONY: install mpi venv horovod test test-unit test-mpi clean
+.PHONY: install mpi venv horovod test test-unit test-mpi run clean
 
 install: mpi venv $(if $(filter 1,$(HOROVOD)),horovod)
 	@echo "hpc-uc installed in $(VENV) (try: $(VENV)/bin/hpc-uc info)"
@@ -40,6 +40,12 @@ test-unit:
 
 test-mpi:
 	$(MPIRUN) $(PY) tests/mpi_pytest.py -q -m mpi tests
+
+# The embedded default: scikit-learn's digits, the whole pipeline on NP ranks, then the report.
+RUN_ARGS ?= profile=fast
+run:
+	@test -f data/digits/manifest.json || $(PY) -m data_prep digits --shards 2 --out data/digits
+	$(MPIRUN) $(VENV)/bin/hpc-uc run configs/digits.yaml $(RUN_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .pytest-rank*.log

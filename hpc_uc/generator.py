@@ -142,7 +142,7 @@ def save_perturbations(path, delta: torch.Tensor, cfg: dict) -> None:
     """The secret: delta per cluster (anyone holding it can undo the protection), mode 0600."""
     with atomic_path(path, mode=0o600) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("delta", data=delta.numpy().astype(np.float32))
+            f.create_dataset("delta", data=delta.numpy().astype(np.float32), track_times=False)
             f.attrs.update({"epsilon": cfg["epsilon"], "norm": cfg["norm"], "seed": cfg["seed"],
                             "layout": "K x C x H x W, in image units [0, 1]"})
 

@@ -87,3 +87,11 @@ def test_cli_checks_data_dependent_values_before_work(digits_dir, tmp_path):
 
 def test_missing_config_file():
     _one_line_error(_cli("run", "/no/such.yaml"), "not found")
+
+
+@pytest.mark.parametrize("name", ["digits", "breastmnist", "pathmnist", "bloodmnist", "organamnist",
+                                  "pets", "flowers102"])
+@pytest.mark.parametrize("profile", ["fast", "paper"])
+def test_every_dataset_config_loads(name, profile):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"profile={profile}"])
+    assert cfg["dataset"] == name and cfg["data_dir"] == f"data/{name}"
