@@ -35,10 +35,31 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Print RUN_DIR/results.json as a table and save it as RUN_DIR/report.md."""
+    """Print RUN_DIR/results.json as a table (report.md), or combine sweeps (--sweep)."""
+    if args.sweep:
+        from pathlib import Path
+
+        from .sweep import combine
+
+        out = combine(args.run_dirs, Path(args.out))
+        print((out / "sweep.md").read_text(), end="")
+        print(f"plot: {out / 'sweep.png'}")
+        return 0
     from .report import report
 
-    print(report(args.run_dir), end="")
+    for run_dir in args.run_dirs:
+        print(report(run_dir), end="")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train -> export -> evaluate for each global batch size, surrogate/clusters shared."""
+    from .config import load_config
+    from .sweep import parse_batch_sizes, run_sweep
+
+    sizes = parse_batch_sizes(args.batch_sizes)
+    load_config(args.config, args.overrides)  # a bad config fails here, before any work
+    run_sweep(args.config, args.overrides, sizes)
     return 0
 
 
@@ -80,8 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key")
         stage.set_defaults(func=cmd_stage)
     rep = sub.add_parser("report", help="results.json of a run as a table (also report.md)")
-    rep.add_argument("run_dir")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--sweep", action="store_true", help="combine sweep directories into one plot")
+    rep.add_argument("--out", default=".", help="where --sweep writes sweep.png and sweep.md")
     rep.set_defaults(func=cmd_report)
+    sweep = sub.add_parser("sweep", help="the batch-size study: train/export/evaluate per batch size")
+    sweep.add_argument("config")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value")
+    sweep.add_argument("--batch-sizes", required=True, help="comma-separated global batch sizes")
+    sweep.set_defaults(func=cmd_sweep)
     verify = sub.add_parser("verify", help="check a shard set's files against its manifest")
     verify.add_argument("dir")
     verify.set_defaults(func=cmd_verify)
@@ -93,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a subcommand; a failure prints one line and ends every MPI rank."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow an option (e.g. after --batch-sizes)
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
