@@ -34,8 +34,10 @@ def imperceptibility(clean: np.ndarray, protected: np.ndarray,
                         f"got {clean.shape} and {protected.shape}")
     if clean.dtype != np.uint8 or protected.dtype != np.uint8:
         raise UserError(f"images must be uint8, got {clean.dtype} and {protected.dtype}")
-    psnr = PeakSignalNoiseRatio(data_range=1.0).double()
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).double()
+    # Computed by one process on the whole set: no torch.distributed sync (it would wait for
+    # ranks that never call it).
+    psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).double()
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).double()
     linf, l2_sum = 0.0, 0.0
     for start in range(0, len(clean), batch_size):
         x = _batch(clean, start, start + batch_size)

@@ -18,7 +18,7 @@ from pathlib import Path
 from string import Template
 from typing import Sequence
 
-from hpc_uc.config import load_config
+from hpc_uc.config import get, load_config
 from hpc_uc.errors import UserError
 
 from .plan import Plan, plan, positive_int
@@ -117,6 +117,14 @@ def check_overrides(items: Sequence[str]) -> None:
             raise UserError(f"set {key} with --{key.replace('_', '-')}, not --set")
 
 
+def other_batches(cfg: dict) -> dict[str, int]:
+    """The run's other global batches, which the ranks must split evenly as well: the
+    surrogate's (when it is pre-trained in the run) and the victim's (evaluation)."""
+    keys = ["surrogate.batch_size"] if cfg["surrogate"]["weights"] == "pretrain" else []
+    keys += ["victim.batch_size"] if "victim" in cfg else []
+    return {key: get(cfg, key) for key in keys}
+
+
 def resolve(opts: JobOptions) -> tuple[Plan, dict]:
     """Check every option, then the resolved config against the rank count."""
     if opts.scheduler not in SCHEDULERS:
@@ -137,11 +145,9 @@ def resolve(opts: JobOptions) -> tuple[Plan, dict]:
         cfg = load_config(path, [*fixed, *opts.overrides])
     except UserError as exc:
         raise UserError(f"configs/{path.name} with these options: {exc}") from None
-    # The surrogate pre-trains data-parallel with its own global batch: ranks must divide it too.
-    surrogate = cfg["surrogate"]
-    also = {"surrogate.batch_size": surrogate["batch_size"]} if surrogate["weights"] == "pretrain" else {}
     gpn = SCHEDULERS[opts.scheduler].gpus_per_node if opts.gpus_per_node is None else opts.gpus_per_node
-    job_plan = plan(batch, gpn, nodes=opts.nodes, np=opts.np, per_gpu_batch=opts.per_gpu_batch, also=also)
+    job_plan = plan(batch, gpn, nodes=opts.nodes, np=opts.np, per_gpu_batch=opts.per_gpu_batch,
+                    also=other_batches(cfg))
     return job_plan, cfg
 
 

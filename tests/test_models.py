@@ -207,3 +207,19 @@ def test_imagenet_weights_offline_message(tmp_path, monkeypatch):
     assert "surrogate.weights: pretrain" in str(outcome[0]) and "PATH" in str(outcome[0])
     with pytest.raises(UserError):
         imagenet_weights("vgg16")
+
+
+def test_fold_batchnorm_keeps_outputs():
+    from hpc_uc.models import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = ResNetWithFeature("resnet18", 10, 1, small_stem=True).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    x = torch.rand(2, 1, 28, 28)
+    before = model(x)[1]
+    after = fold_batchnorm(model)(x)[1]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)

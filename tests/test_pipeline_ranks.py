@@ -101,3 +101,22 @@ def test_killed_rank_ends_job_and_resume_matches(clustered, digits_dir, tmp_path
     assert "resuming after epoch" in proc.stdout
     assert np.array_equal(delta(killed), delta(whole))
     assert (killed / "perturbations.h5").read_bytes() == (whole / "perturbations.h5").read_bytes()
+
+
+def test_sweep_writes_tables_and_resumes(clustered, digits_dir, tmp_path):
+    root = tmp_path / "sweep"
+    shared = copy_run(clustered, root / "shared")
+    assert shared.is_dir()
+    args = ["sweep", CONFIG, *TINY, "generator.epochs=1", "backend=torch", f"data_dir={digits_dir}",
+            f"run_dir={root}", "--batch-sizes"]
+    first = hpc_uc([*args, "32,64"], np=2)
+    assert first.returncode == 0, first.stderr
+    stamp = (root / "bs32" / "results.json").stat().st_mtime_ns
+    again = hpc_uc([*args, "32,64,128"], np=2)  # as after an interruption: only 128 is missing
+    assert again.returncode == 0, again.stderr
+    assert (root / "bs32" / "results.json").stat().st_mtime_ns == stamp
+    assert again.stdout.count("== train: up to date, skipped") == 2
+    rows = (root / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("dataset,batch_size")
+    assert (root / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| digits | 128 |" in (root / "sweep.md").read_text()
