@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMPI_MCA_rmaps_base_oversubscribe := 1
+# ranks waiting in MPI give their core back (they share cores here)
+export OMPI_MCA_mpi_yield_when_idle := 1
 MPIRUN ?= mpirun -np $(NP) --oversubscribe
 
 .PHONY: install mpi venv horovod test test-unit test-mpi run clean

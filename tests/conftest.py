@@ -15,6 +15,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
 os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 os.environ.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
