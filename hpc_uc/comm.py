@@ -182,6 +182,10 @@ class HorovodComm(Comm):
         hvd_op = self.hvd.Average if op == "mean" else self.hvd.Sum
         return self.hvd.allreduce(tensor, op=hvd_op)
 
+    def broadcast_model(self, model: torch.nn.Module, root: int = 0) -> None:
+        if self.size > 1:
+            self.hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+
     def distributed_optimizer(self, optimizer, model):
         return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              op=self.hvd.Average)

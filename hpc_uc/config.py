@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/digits",
     "seed": 0,
     "backend": "auto",            # auto | horovod | torch | mpi
-    "profile": "fast",            # fast | paper
+    "profile": "paper",           # paper (the reference settings) | fast (tests, demos)
     "batch_size": 64,             # global batch per optimizer step
     "lr_scaling": "linear",       # none | linear | sqrt, against base_batch_size
     "base_batch_size": 256,

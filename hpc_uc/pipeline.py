@@ -43,6 +43,7 @@ def check_data(cfg: dict) -> dict:
 def check_ranks(cfg: dict, world_size: int) -> None:
     """Every global batch splits evenly over the ranks."""
     check_world(cfg, world_size)
+    check_world(cfg, world_size, "victim.batch_size")
     if cfg["surrogate"]["weights"] == "pretrain":
         check_world(cfg, world_size, "surrogate.batch_size")
 

@@ -49,7 +49,7 @@ class Plan:
 def positive_int(value: int | str, what: str) -> int:
     """``value`` as an int >= 1, or a UserError naming ``what``."""
     text = str(value).strip()
-    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+    if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise UserError(f"{what} must be a positive integer, not {str(value)!r}")
     return int(text)
 

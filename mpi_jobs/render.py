@@ -35,14 +35,15 @@ class Scheduler:
     """What differs between schedulers besides the template text."""
 
     gpus_per_node: int
+    backend: str            # default: horovod; mpirun auto (horovod if it imports, else torch)
     project_directive: str  # "" when the scheduler has no project/account
     script_name: str        # file name of the job script in the run dir
 
 
 SCHEDULERS = {
-    "lsf": Scheduler(6, "#BSUB -P {}", "job.lsf"),
-    "slurm": Scheduler(4, "#SBATCH -A {}", "job.slurm"),
-    "mpirun": Scheduler(1, "", "job.sh"),
+    "lsf": Scheduler(6, "horovod", "#BSUB -P {}", "job.lsf"),
+    "slurm": Scheduler(4, "horovod", "#SBATCH -A {}", "job.slurm"),
+    "mpirun": Scheduler(1, "auto", "", "job.sh"),
 }
 
 
@@ -66,7 +67,7 @@ class JobOptions:
     np: int | str | None = None
     project: str | None = None
     walltime: str = "02:00"
-    backend: str = "horovod"
+    backend: str | None = None              # None: the scheduler's default
     profile: str | None = None              # None: the config's own
     run_dir: str | None = None              # None: runs/<dataset>-bs<BS>-<date-time>
     hostfile: str | None = None
@@ -133,13 +134,13 @@ def resolve(opts: JobOptions) -> tuple[Plan, dict]:
     if opts.hostfile is not None and opts.scheduler != "mpirun":
         raise UserError("--hostfile is for mpirun; the scheduler places the ranks")
     batch = positive_int(opts.batch_size, "batch size (--batch-size, BS=)")
-    parse_walltime(opts.walltime)
-    if opts.backend not in BACKENDS:
-        raise UserError(f"backend must be one of {', '.join(BACKENDS)}, not {opts.backend!r}")
+    backend = opts.backend or SCHEDULERS[opts.scheduler].backend
+    if backend not in BACKENDS:
+        raise UserError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if opts.profile is not None and opts.profile not in PROFILES:
         raise UserError(f"profile must be one of {', '.join(PROFILES)}, not {opts.profile!r}")
     check_overrides(opts.overrides)
-    fixed = [f"batch_size={batch}", f"backend={opts.backend}"]
+    fixed = [f"batch_size={batch}", f"backend={backend}"]
     fixed += [f"profile={opts.profile}"] if opts.profile else []
     try:
         cfg = load_config(path, [*fixed, *opts.overrides])
@@ -162,6 +163,7 @@ def fill(name: str, values: dict[str, object]) -> str:
 
 def render(opts: JobOptions) -> Job:
     """Check ``opts`` and fill the scheduler's template; raises UserError on bad input."""
+    hours, minutes = parse_walltime(opts.walltime)
     job_plan, cfg = resolve(opts)
     run_dir = opts.run_dir or f"runs/{opts.dataset}-bs{job_plan.batch_size}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not run_dir.strip() or re.search(r"\s", run_dir):
@@ -172,20 +174,19 @@ def render(opts: JobOptions) -> Job:
         hostfile = os.path.abspath(opts.hostfile)
         if not os.path.isfile(hostfile):
             raise UserError(f"hostfile {opts.hostfile} not found")
-    hours, minutes = parse_walltime(opts.walltime)
-    scheduler = SCHEDULERS[opts.scheduler]
-    directive = scheduler.project_directive
+    directive = SCHEDULERS[opts.scheduler].project_directive
+    if not opts.project:  # commented out, ready to fill in
+        directive = "#" + directive.format("PROJECT") + "  # none given: --project, PROJECT=" if directive else ""
     values: dict[str, object] = {
         "dataset": opts.dataset, "batch_size": job_plan.batch_size, "ranks": job_plan.ranks,
         "nodes": job_plan.nodes, "gpus_per_node": job_plan.gpus_per_node, "gpus": job_plan.gpus,
         "ranks_per_node": job_plan.ranks_per_node, "per_rank_batch": job_plan.per_rank_batch,
-        "backend": opts.backend, "profile": cfg["profile"], "run_path": run_path,
+        "backend": cfg["backend"], "profile": cfg["profile"], "run_path": run_path,
         "run_dir": shlex.quote(run_dir), "repo": shlex.quote(str(REPO)),
         "overrides": "".join(f" {shlex.quote(o)}" for o in opts.overrides),
         "hostfile": shlex.quote(hostfile), "job_name": f"uc-{opts.dataset}-bs{job_plan.batch_size}",
         "walltime": f"{hours:02d}:{minutes:02d}", "walltime_hms": f"{hours}:{minutes:02d}:00",
-        "project_directive": (directive.format(opts.project) if opts.project else
-                              "#" + directive.format("PROJECT") + "  # none given: --project, PROJECT="),
+        "project_directive": directive.format(opts.project),
         "rendered_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     values["common"] = fill("common.sh.tmpl", values).rstrip("\n")
@@ -212,7 +213,7 @@ def build_parser(prog: str, schedulers: Sequence[str]) -> argparse.ArgumentParse
     p.add_argument("--np", help="rank count (default: from --nodes or --per-gpu-batch)")
     p.add_argument("--project", help="LSF project (-P) / Slurm account (-A)")
     p.add_argument("--walltime", default="02:00", help="HH:MM (default 02:00)")
-    p.add_argument("--backend", default="horovod", help="horovod (default), torch or auto")
+    p.add_argument("--backend", help="horovod (default for lsf, slurm), torch or auto (default for mpirun)")
     p.add_argument("--profile", help="fast or paper (default: the config's)")
     p.add_argument("--run-dir", help="default runs/<dataset>-bs<BS>-<date-time>, relative to the repo")
     p.add_argument("--hostfile", help="mpirun hostfile (lines 'HOST slots=GPUS'); default: this machine")
@@ -242,9 +243,10 @@ def write_script(path: Path, text: str) -> None:
 
 
 def summary(job: Job) -> str:
+    """One line: ranks, where they go (the hostfile decides that for mpirun), per-rank batch."""
     p = job.plan
-    return (f"{p.ranks} rank(s) on {p.nodes} node(s) x {p.gpus_per_node} GPUs, "
-            f"{p.per_rank_batch} per rank; run dir {job.run_dir}")
+    where = "" if job.scheduler == "mpirun" else f" on {p.nodes} node(s) x {p.gpus_per_node} GPUs"
+    return f"{p.ranks} rank(s){where}, {p.per_rank_batch} per rank; run dir {job.run_dir}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

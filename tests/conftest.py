@@ -57,6 +57,24 @@ def _world_size() -> int:
     return MPI.COMM_WORLD.Get_size()
 
 
+def _backends() -> list:
+    from hpc_uc.comm import horovod_available
+
+    return ["mpi", "torch", pytest.param("horovod", marks=pytest.mark.skipif(
+        not horovod_available(), reason="horovod not installed (make install HOROVOD=1)"))]
+
+
+@pytest.fixture(params=_backends())
+def comm(request):
+    """A communicator of every backend, for tests that run under mpirun -np 2 or more."""
+    from hpc_uc.comm import get_comm
+
+    c = get_comm(request.param)
+    if c.size < 2:
+        pytest.skip("needs mpirun -np 2 or more")
+    return c
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The embedded default data set (scikit-learn digits) as a 2-shard set, built once."""

@@ -9,18 +9,6 @@ from hpc_uc.comm import get_comm, horovod_available
 
 pytestmark = pytest.mark.mpi
 
-BACKENDS = ["mpi", "torch", pytest.param("horovod", marks=pytest.mark.skipif(
-    not horovod_available(), reason="horovod not installed (make install HOROVOD=1)"))]
-
-
-@pytest.fixture(params=BACKENDS)
-def comm(request):
-    c = get_comm(request.param)
-    if c.size < 2:
-        pytest.skip("needs mpirun -np 2 or more")
-    return c
-
-
 def test_allreduce_sum_and_mean(comm):
     x = torch.tensor([comm.rank + 1.0, 10.0 * comm.rank], dtype=torch.float64)
     n = comm.size

@@ -10,18 +10,9 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
-from hpc_uc.comm import get_comm
 from hpc_uc.kmeans import kmeans
 
 pytestmark = pytest.mark.mpi
-
-
-@pytest.fixture(params=["mpi", "torch"])
-def comm(request):
-    c = get_comm(request.param)
-    if c.size < 2:
-        pytest.skip("needs mpirun -np 2 or more")
-    return c
 
 
 def _digits() -> np.ndarray:

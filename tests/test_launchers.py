@@ -141,8 +141,18 @@ def test_directives_walltime_project_and_defaults():
     assert directive(slurm, "#SBATCH", "-o") == "/scratch/r/job-%j.out"
     assert directive(slurm, "#SBATCH", "--gpu-bind") == "closest"
     assert "\n#SBATCH -A" not in slurm and "\n##SBATCH -A PROJECT" in slurm
-    for script in (lsf, slurm):
+    local = render(JobOptions("mpirun", "digits", 64, np=2)).script
+    assert " backend=horovod profile=" in lsf and " backend=auto profile=" in local
+    for script in (lsf, slurm, local):
         assert "CUDA_VISIBLE_DEVICES" not in script and "set -euo pipefail" in script
+
+
+@pytest.mark.parametrize("dataset", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
+def test_every_dataset_config_renders(dataset):
+    for scheduler in SCHEDULERS:
+        job = render(JobOptions(scheduler, dataset, 4096, run_dir="runs/t"))
+        bash_n(job.script)
+        assert f"run configs/{dataset}.yaml batch_size=4096 " in job.script
 
 
 def test_overrides_profile_backend_and_hostfile_are_quoted(tmp_path):
@@ -351,30 +361,32 @@ def digits_data(tmp_path_factory) -> Path:
     return out
 
 
-# As small as the pipeline allows. backend=torch: the launchers are under test, not Horovod.
+# As small as the pipeline allows: the launchers are under test, not the method.
 EVALUATES = (REPO / "hpc_uc" / "evaluate.py").exists()  # the last stage, still being written
-TINY = ["surrogate.epochs=1", "clusters=2", "generator.epochs=1", "generator.base_filters=8",
+TINY = ["surrogate.epochs=0", "clusters=2", "generator.epochs=1", "generator.base_filters=8",
         "generator.n_blocks=1", "generator.train_on=cluster", *(["victim.epochs=1"] if EVALUATES else [])]
 
 
-@pytest.mark.parametrize("kind, sizing", [
-    ("lsf", ["--nodes", "1", "--gpus-per-node", "2"]),  # bsub < job.lsf -> jsrun -n 2
-    ("slurm", ["--per-gpu-batch", "32"]),                # sbatch job.slurm -> srun --ntasks=2
-    ("local", ["--np", "2"]),                            # bash job.sh -> mpirun -np 2
+@pytest.mark.parametrize("kind, sizing, backend", [
+    ("lsf", ["--nodes", "1", "--gpus-per-node", "2"], "horovod"),  # bsub < job.lsf -> jsrun -n 2
+    ("slurm", ["--per-gpu-batch", "32"], "torch"),                 # sbatch job.slurm -> srun --ntasks=2
+    ("local", ["--np", "2"], "torch"),                             # bash job.sh -> mpirun -np 2
 ])
-def test_end_to_end(kind, sizing, fake_bin, digits_data, tmp_path):
+def test_end_to_end(kind, sizing, backend, fake_bin, digits_data, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not installed")
+    from hpc_uc.comm import horovod_available
     from hpc_uc.rundir import STAGES
 
+    backend = backend if backend != "horovod" or horovod_available() else "torch"
     run_dir = tmp_path / "run"
-    proc = submit([kind, "--dataset", "digits", "--batch-size", "64", *sizing, "--backend", "torch",
+    proc = submit([kind, "--dataset", "digits", "--batch-size", "64", *sizing, "--backend", backend,
                    "--profile", "fast", "--run-dir", str(run_dir), "--set", f"data_dir={digits_data}", *TINY],
                   env=fake_bin)
     log = proc.stdout if kind == "local" else (run_dir / "job-4242.out").read_text()
     assert proc.returncode == 0, proc.stdout + proc.stderr + log
     assert f"hpc-uc: run dir {run_dir}" in proc.stdout
-    assert "over 2 ranks (32 per rank)" in log and "(torch, 2 ranks" in log, log
+    assert "over 2 ranks (32 per rank)" in log and f"({backend}, 2 ranks" in log, log
     assert f"hpc-uc: finished; results in {run_dir}" in log, log
     assert set(STAGES) <= set(json.loads((run_dir / "stages.json").read_text())), log
     assert (run_dir / "protected" / "manifest.json").is_file()

@@ -5,21 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpc_uc.comm import get_comm
 from hpc_uc.metrics import gathered_metrics, medmnist_metrics
 
 pytestmark = pytest.mark.mpi
 
 TASKS = [("multi-class", 4), ("binary-class", 2), ("multi-label, binary-class", 3),
          ("ordinal-regression", 5)]
-
-
-@pytest.fixture(params=["mpi", "torch"])
-def comm(request):
-    c = get_comm(request.param)
-    if c.size < 2:
-        pytest.skip("needs mpirun -np 2 or more")
-    return c
 
 
 def _full(task: str, classes: int, n: int = 23) -> tuple[np.ndarray, np.ndarray]:
