@@ -147,6 +147,7 @@ def _fail(message: str, code: int) -> None:
         if rank != 0:
             time.sleep(1.0)  # a failure on every rank is then reported once, by rank 0
         print(f"hpc-uc: rank {rank}/{size}: {message}", file=sys.stderr, flush=True)
+        time.sleep(0.5)  # let mpirun forward the line before the job is killed
         from mpi4py import MPI
 
         MPI.COMM_WORLD.Abort(code)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -29,8 +30,22 @@ BACKENDS = ("auto", "horovod", "torch", "mpi")
 _CACHE: dict[str, "Comm"] = {}
 
 
+# Set by MPI launchers (Open MPI/Spectrum mpirun and jsrun, MPICH/Hydra, Slurm srun, PMIx,
+# MVAPICH). Without one, a plain `python` process stays a size-1 job and never initialises
+# MPI (a singleton MPI_Init would leave variables behind that break a later mpirun).
+LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE",
+                      "JSM_NAMESPACE_SIZE", "HPC_UC_MPI")
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher started this process (or HPC_UC_MPI is set)."""
+    return any(os.environ.get(name) for name in LAUNCHER_VARIABLES)
+
+
 def _mpi_world():
-    """Return mpi4py's COMM_WORLD, or None when mpi4py is unusable."""
+    """Return mpi4py's COMM_WORLD, or None when not under an MPI launcher or without mpi4py."""
+    if not launched_by_mpi():
+        return None
     try:
         from mpi4py import MPI
     except ImportError:
@@ -70,8 +85,6 @@ class Comm:
             self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
         self.device = _pick_device(self.local_rank)
         _set_cpu_threads(self.device, self.local_size)
-        if self.size > 1:
-            install_abort_hook(self)
 
     @property
     def is_root(self) -> bool:
@@ -153,6 +166,7 @@ class Comm:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.size > 1:
+            time.sleep(0.5)  # let mpirun forward what this rank printed before it is killed
             self.mpi.Abort(code)
         os._exit(code)
 
@@ -274,7 +288,10 @@ def get_comm(backend: str = "auto") -> Comm:
             raise RuntimeError("backend=horovod but horovod.torch does not import "
                                "(run 'make install', or choose backend=torch)")
         cls = {"horovod": HorovodComm, "torch": TorchComm, "mpi": Comm}[backend]
-        _CACHE[backend] = cls()
+        comm = cls()
+        if comm.size > 1:  # after the backend's set-up: torch.distributed installs a hook of its own
+            install_abort_hook(comm)
+        _CACHE[backend] = comm
     return _CACHE[backend]
 
 

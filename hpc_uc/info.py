@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import platform
 
-from .comm import get_comm, horovod_available, torch_distributed_available
+from .comm import get_comm, horovod_available, launched_by_mpi, torch_distributed_available
 
 
 def _version(module: str) -> str:
@@ -16,6 +16,9 @@ def _version(module: str) -> str:
 
 def _mpi_library() -> str:
     try:
+        import mpi4py
+
+        mpi4py.rc.initialize = launched_by_mpi()  # the version needs no MPI_Init
         from mpi4py import MPI
     except ImportError:
         return "mpi4py not installed"

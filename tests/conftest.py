@@ -18,6 +18,7 @@ os.environ.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
 os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "mpi: runs under `mpirun -np 2` (make test-mpi)")
 

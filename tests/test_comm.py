@@ -55,18 +55,19 @@ def test_exception_on_one_rank_ends_the_job(tmp_path, backend):
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 30, f"job took {elapsed:.1f}s to end"
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpc-uc: error")]
-    assert lines == ["hpc-uc: error on rank 1/2: RuntimeError: boom on rank one"]
+    # one line from the failing rank (mpirun may glue its own banner onto the same line)
+    assert proc.stderr.count("hpc-uc: error") == 1
+    assert "hpc-uc: error on rank 1/2: RuntimeError: boom on rank one" in proc.stderr
 
 
 def test_info_without_mpirun():
-    out = subprocess.run([venv_bin("hpc-uc"), "info"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([venv_bin("hpc-uc"), "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "world size: 1" in out.stdout
 
 
 def test_info_under_mpirun_shows_both_backends():
-    out = subprocess.run([*mpirun(2), venv_bin("hpc-uc"), "info"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*mpirun(2), venv_bin("hpc-uc"), "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "world size: 2" in out.stdout
     assert "torch.distributed: available" in out.stdout
