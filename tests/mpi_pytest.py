@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 def main() -> int:
     comm = MPI.COMM_WORLD
-    args = ["-p", "no:cacheprovider", *sys.argv[1:]]
+    args = ["-p", "no:cacheprovider", "--color=no", *sys.argv[1:]]
     if comm.Get_rank() == 0:
         return pytest.main(args)
     log = Path(f".pytest-rank{comm.Get_rank()}.log")
