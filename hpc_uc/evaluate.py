@@ -102,10 +102,9 @@ def build_results(cfg: dict, comm: Comm, run: RunDir, clean: dict, protected: di
                   defenses: dict) -> dict:
     """The results.json document (docs/results.md describes every field)."""
     source = read_json(f"{cfg['data_dir']}/manifest.json")
-    protected_manifest = read_json(run.protected / "manifest.json")
-    _, test_labels, _ = read_whole_split(cfg["data_dir"], source, "test")
-    clean_train, _, _ = read_whole_split(cfg["data_dir"], source, "train")
-    prot_train, _, _ = read_whole_split(run.protected, protected_manifest, "train")
+    _, test_labels, _ = read_whole_split(cfg["data_dir"], "test")
+    clean_train, _, _ = read_whole_split(cfg["data_dir"], "train")
+    prot_train, _, _ = read_whole_split(run.protected, "train")
     quality = imperceptibility(clean_train, prot_train)
     surrogate = read_json(run.surrogate_info) if run.surrogate_info.is_file() else {}
     timings = read_json(run.timings) if run.timings.is_file() else {}

@@ -14,10 +14,10 @@ import numpy as np
 from .atomic import atomic_path
 from .comm import Comm
 from .config import config_hash
-from .generator import ClusterTargets, load_perturbations
+from .generator import cluster_of_index, load_perturbations
 from .reader import ShardedDataset
 from .rundir import RunDir
-from .shards import ShardSetWriter, open_shard
+from .shards import ShardSetWriter
 
 
 def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str) -> np.ndarray:
@@ -35,13 +35,9 @@ def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str) ->
     return out.astype(np.uint8)
 
 
-def read_whole_split(directory, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All of one split's (images, labels, index), in shard order (single process)."""
-    parts = []
-    for i in range(len(manifest["splits"][split]["shards"])):
-        with open_shard(directory, manifest, split, i) as f:
-            parts.append((f["images"][()], f["labels"][()], f["index"][()]))
-    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+def read_whole_split(directory, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All of one split's (images, labels, index) in global order, read by this process alone."""
+    return ShardedDataset(directory, split, None, full=True).local_arrays()
 
 
 def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
@@ -49,7 +45,7 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     data = ShardedDataset(cfg["data_dir"], "train", comm, seed=cfg["seed"], cache=cfg["cache"], full=True)
     images, labels, index = data.local_arrays()
     delta = load_perturbations(run.perturbations).transpose(0, 2, 3, 1)  # K×H×W×C
-    clusters = ClusterTargets(run.clusters, cfg["target_offset"], comm.device).cluster_of[index]
+    clusters = cluster_of_index(run.clusters)[index]
     protected = protect(images, delta[clusters], cfg["epsilon"], cfg["norm"])
     source = data.manifest
     manifest = {**source, "dataset": f"{source['dataset']}-protected",
@@ -61,7 +57,7 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
         clean = {}
         if comm.is_root:
             for split in others:
-                clean[split] = read_whole_split(cfg["data_dir"], source, split)
+                clean[split] = read_whole_split(cfg["data_dir"], split)
                 writer.write(split, *clean[split], shard_id=0, num_shards=1)
         writer.commit(manifest)
     parts = comm.gather((protected, labels, index))

@@ -27,16 +27,23 @@ from .surrogate import load_frozen_surrogate
 from .training import MetricsLog, lr_at, progress, set_lr
 
 
+def cluster_of_index(path) -> np.ndarray:
+    """Lookup table from clusters.npz: entry i is the cluster of global sample id i (-1: none)."""
+    with np.load(path) as data:
+        index, assignment = data["index"], data["assignment"]
+    table = np.full(int(index.max()) + 1, -1, dtype=np.int64)
+    table[index] = assignment
+    return table
+
+
 class ClusterTargets:
     """Centroids, each training sample's cluster, and each generator's target distribution."""
 
     def __init__(self, path, offset: int, device: torch.device) -> None:
         with np.load(path) as data:
             centroids = torch.from_numpy(data["centroids"]).float()
-            index, assignment = data["index"], data["assignment"]
         self.k = len(centroids)
-        self.cluster_of = np.full(int(index.max()) + 1, -1, dtype=np.int64)
-        self.cluster_of[index] = assignment
+        self.cluster_of = cluster_of_index(path)
         targets = (torch.arange(self.k) + offset) % self.k
         self.target_probs = F.softmax(centroids[targets], dim=1).to(device)  # row k: generator k
 

@@ -14,7 +14,7 @@ from hpc_uc.config import load_config
 from hpc_uc.export import protect, read_whole_split
 from hpc_uc.pipeline import run_all, start
 from hpc_uc.report import validate_results
-from hpc_uc.shards import read_manifest, verify
+from hpc_uc.shards import verify
 
 TINY = ["profile=fast", "backend=mpi", "surrogate.epochs=1", "surrogate.stem=standard",
         "generator.epochs=2", "generator.base_filters=8", "generator.n_blocks=1",
@@ -37,9 +37,9 @@ def finished_run(digits_dir, tmp_path_factory):
 
 def test_protected_images_stay_within_epsilon(finished_run, digits_dir):
     cfg, run = finished_run
-    clean_m, prot_m = read_manifest(digits_dir), verify(run.protected)
-    clean, labels, index = read_whole_split(digits_dir, clean_m, "train")
-    prot, prot_labels, prot_index = read_whole_split(run.protected, prot_m, "train")
+    prot_m = verify(run.protected)
+    clean, labels, index = read_whole_split(digits_dir, "train")
+    prot, prot_labels, prot_index = read_whole_split(run.protected, "train")
     order = np.argsort(prot_index)
     assert np.array_equal(prot_index[order], index)
     assert np.array_equal(prot_labels[order], labels)
@@ -47,8 +47,8 @@ def test_protected_images_stay_within_epsilon(finished_run, digits_dir):
     assert diff.max() <= math.floor(cfg["epsilon"] * 255 + 1e-6)
     assert diff.mean() > 1.0  # the perturbation is really there
     for split in ("val", "test"):  # untouched
-        assert np.array_equal(read_whole_split(run.protected, prot_m, split)[0],
-                              read_whole_split(digits_dir, clean_m, split)[0])
+        assert np.array_equal(read_whole_split(run.protected, split)[0],
+                              read_whole_split(digits_dir, split)[0])
     record = prot_m["extra"]["protection"]
     assert record["method"] == "unlearnable-clusters" and record["clusters"] == cfg["clusters"]
 
