@@ -66,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 128,        # global; lr is scaled against base_batch_size 128
         "base_batch_size": 128,
         "milestones": [0.5, 0.75],  # x0.1 at these fractions of training
+        "select": "auc",          # keep the epoch with the best validation auc | acc
+        "input_norm": "medmnist", # medmnist (0.5 / 0.5) | imagenet statistics
     },
     "defenses": [],               # jpeg10, jpeg50, grayscale, cutmix, mixup, pgd
     "defense": {"pgd_epsilon": 8 / 255, "pgd_steps": 5, "pgd_step_size": 2 / 255},
@@ -90,6 +92,8 @@ CHOICES = {
     "surrogate.stem": ("auto", "small", "standard"),
     "victim.arch": ("resnet18", "resnet50"),
     "victim.stem": ("auto", "small", "standard"),
+    "victim.select": ("auc", "acc"),
+    "victim.input_norm": ("medmnist", "imagenet"),
     "generator.train_on": ("all", "cluster"),
 }
 

@@ -19,10 +19,10 @@ from .defenses import build_defense
 from .export import read_whole_split
 from .imperceptibility import imperceptibility
 from .metrics import chance_accuracy, medmnist_metrics
-from .models import SMALL_IMAGE_MAX, ResNetClassifier
+from .models import ResNetClassifier, victim_model
 from .reader import ShardedDataset
 from .rundir import RunDir
-from .training import MetricsLog, accuracy, predict, train_classifier
+from .training import MetricsLog, predict, train_classifier
 
 RESULTS_VERSION = 1
 
@@ -30,14 +30,15 @@ RESULTS_VERSION = 1
 def build_victim(cfg: dict, manifest: dict) -> ResNetClassifier:
     """ResNet-18 (28) style for small images, torchvision's stem for larger ones."""
     v = cfg["victim"]
-    small = v["stem"] == "small" or (v["stem"] == "auto" and manifest["image_size"] <= SMALL_IMAGE_MAX)
-    return ResNetClassifier(v["arch"], manifest["num_classes"], manifest["channels"], small_stem=small)
+    return victim_model(v["arch"], manifest["num_classes"], manifest["channels"], manifest["image_size"],
+                        stem=v["stem"], input_norm=v["input_norm"])
 
 
 def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, log: MetricsLog,
                    defense_name: str | None = None) -> dict:
-    """Train a victim on ``train_dir``'s train split, keep the best-on-validation weights,
-    and return test ACC/AUC on the clean test split (rank 0; None elsewhere)."""
+    """Train a victim on ``train_dir``'s train split, keep the best-on-validation weights
+    (``victim.select``: val AUC as MedMNIST's benchmark, or val ACC), and return test
+    ACC/AUC on the clean test split (rank 0; an empty dict elsewhere)."""
     v = cfg["victim"]
     per_rank = check_world(cfg, comm.size, "victim.batch_size")
     train = ShardedDataset(train_dir, "train", comm, seed=cfg["seed"], cache=cfg["cache"])
@@ -47,20 +48,24 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, log: MetricsLog,
     test = ShardedDataset(cfg["data_dir"], "test", comm, cache=cfg["cache"], full=True)
     torch.manual_seed(cfg["seed"])
     model = build_victim(cfg, manifest)
-    best = {"val_acc": -1.0, "state": None, "epoch": 0}
+    best = {"score": -1.0, "val_acc": None, "val_auc": None, "state": None, "epoch": 0}
 
     def on_epoch(epoch: int, loss: float) -> None:
         record = {"victim": name, "epoch": epoch + 1, "loss": loss}
         if val is not None:
             result = predict(model, val, comm)
-            acc = comm.broadcast(accuracy(*result, manifest["task"]) if comm.is_root else None)
-            record["val_acc"] = acc
-            if acc > best["val_acc"]:
-                best.update(val_acc=acc, state=copy.deepcopy(model.state_dict()), epoch=epoch + 1)
+            scores = medmnist_metrics(manifest["task"], result[1], result[0]) if comm.is_root else None
+            scores = comm.broadcast(scores)
+            record.update(val_acc=scores["acc"], val_auc=scores["auc"])
+            score = scores[v["select"]] if scores[v["select"]] is not None else scores["acc"]
+            if score > best["score"]:
+                best.update(score=score, val_acc=scores["acc"], val_auc=scores["auc"],
+                            state=copy.deepcopy(model.state_dict()), epoch=epoch + 1)
         log.write(**record)
         if comm.is_root:
             print(f"evaluate[{name}]: epoch {epoch + 1}/{v['epochs']} loss {loss:.4f}"
-                  + (f" val acc {record['val_acc']:.3f}" if "val_acc" in record else ""), flush=True)
+                  + (f" val acc {record['val_acc']:.3f} auc {record['val_auc']}"
+                     if "val_acc" in record else ""), flush=True)
 
     defense = build_defense(defense_name, cfg["defense"]) if defense_name else None
     began = time.perf_counter()
@@ -77,7 +82,7 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, log: MetricsLog,
     scores, labels = result
     metrics = medmnist_metrics(manifest["task"], labels, scores)
     out = {"test_acc": metrics["acc"], "test_auc": metrics["auc"], "best_epoch": best["epoch"],
-           "val_acc": best["val_acc"] if val is not None else None,
+           "val_acc": best["val_acc"], "val_auc": best["val_auc"],
            "seconds": round(time.perf_counter() - began, 2)}
     print(f"evaluate[{name}]: test acc {out['test_acc']:.3f} auc {out['test_auc']}", flush=True)
     return out

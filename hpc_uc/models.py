@@ -2,11 +2,12 @@
 
 Decisions (kept in one place):
 
-* **Inputs are images in [0, 1].** Every ResNet here normalises inside ``forward`` with
-  ImageNet statistics: mean (0.485, 0.456, 0.406) / std (0.229, 0.224, 0.225) for 3
-  channels, their averages 0.449 / 0.226 for 1 channel, 0.5 / 0.5 otherwise. The same rule
-  holds whether the weights come from ImageNet or from training on the clean split, so a
-  checkpoint never depends on how the data was normalised. The constants are
+* **Inputs are images in [0, 1].** Every ResNet here normalises inside ``forward``. The
+  surrogate uses ImageNet statistics: mean (0.485, 0.456, 0.406) / std (0.229, 0.224,
+  0.225) for 3 channels, their averages 0.449 / 0.226 for 1 channel, 0.5 / 0.5 otherwise,
+  whether its weights come from ImageNet or from training on the clean split, so a
+  checkpoint never depends on how the data was normalised. Victims trained from scratch
+  default to MedMNIST's own 0.5 / 0.5 (``input_norm="medmnist"``), as its benchmark does. The constants are
   non-persistent buffers: state dicts hold only torchvision's keys (under ``backbone.``).
 * **Small images** (<= 64 px) use the CIFAR/MedMNIST "ResNet-18 (28)" stem: conv1 3x3
   stride 1, no max-pool. Otherwise the standard 7x7 stem, optionally after an on-device
@@ -37,11 +38,16 @@ _PREFIXES = ("module.", "backbone.")
 log = logging.getLogger(__name__)
 
 
-def normalisation(in_channels: int) -> tuple[list[float], list[float]]:
+INPUT_NORMS = ("imagenet", "medmnist")
+
+
+def normalisation(in_channels: int, kind: str = "imagenet") -> tuple[list[float], list[float]]:
     """Per-channel (mean, std) applied to [0, 1] inputs inside every ResNet here."""
-    if in_channels == 3:
+    if kind not in INPUT_NORMS:
+        raise UserError(f"input normalisation must be one of {', '.join(INPUT_NORMS)}, not {kind!r}")
+    if kind == "imagenet" and in_channels == 3:
         return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    if in_channels == 1:
+    if kind == "imagenet" and in_channels == 1:
         return [0.449], [0.226]
     return [0.5] * in_channels, [0.5] * in_channels
 
@@ -67,12 +73,13 @@ class ResNetWithFeature(nn.Module):
     """
 
     def __init__(self, arch: str = "resnet18", num_classes: int = 10, in_channels: int = 3,
-                 small_stem: bool = False, input_size: int | None = None) -> None:
+                 small_stem: bool = False, input_size: int | None = None,
+                 input_norm: str = "imagenet") -> None:
         super().__init__()
         self.arch, self.in_channels, self.input_size = arch, in_channels, input_size
         self.backbone = _resnet(arch, num_classes, in_channels, small_stem)
         self.feature_dim = self.backbone.fc.in_features
-        mean, std = normalisation(in_channels)
+        mean, std = normalisation(in_channels, input_norm)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
@@ -100,10 +107,13 @@ class ResNetClassifier(ResNetWithFeature):
         return self.backbone.fc(self.features(x))
 
 
-def victim_model(arch: str, num_classes: int, in_channels: int, image_size: int) -> ResNetClassifier:
-    """Victim trained from scratch: small stem for <= 64 px (MedMNIST's ResNet-18 (28)),
-    torchvision's standard ResNet otherwise. Returns logits for [0, 1] inputs."""
-    return ResNetClassifier(arch, num_classes, in_channels, small_stem=image_size <= SMALL_IMAGE_MAX)
+def victim_model(arch: str, num_classes: int, in_channels: int, image_size: int, stem: str = "auto",
+                 input_norm: str = "medmnist") -> ResNetClassifier:
+    """Victim trained from scratch: with ``stem="auto"`` the small stem for <= 64 px
+    (MedMNIST's ResNet-18 (28)), torchvision's standard ResNet otherwise. Returns logits
+    for [0, 1] inputs."""
+    small = stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE_MAX)
+    return ResNetClassifier(arch, num_classes, in_channels, small_stem=small, input_norm=input_norm)
 
 
 def fold_batchnorm(model: ResNetWithFeature) -> ResNetWithFeature:

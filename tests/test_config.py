@@ -30,6 +30,7 @@ def test_overrides_profiles_and_nesting():
     ("clusters=1", "clusters (K) must be at least 2"),
     ("norm=l3", "norm must be one of"),
     ("batch_size=0", "batch_size must be at least 1"),
+    ("victim.select=loss", "victim.select must be one of auc, acc"),
 ])
 def test_bad_values(override, message):
     with pytest.raises(UserError) as err:

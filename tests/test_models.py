@@ -65,6 +65,19 @@ def test_victim_model():
     big = victim_model("resnet18", num_classes=4, in_channels=3, image_size=128)
     assert big.backbone.conv1.kernel_size == (7, 7)
     assert not isinstance(big.backbone.maxpool, torch.nn.Identity)
+    forced = victim_model("resnet18", num_classes=4, in_channels=1, image_size=28, stem="standard")
+    assert forced.backbone.conv1.kernel_size == (7, 7)
+
+
+def test_victim_input_normalisation():
+    """Victims default to MedMNIST's 0.5 / 0.5; the surrogate keeps ImageNet statistics."""
+    victim = victim_model("resnet18", num_classes=2, in_channels=1, image_size=28)
+    assert victim.mean.tolist() == [[[[0.5]]]] and victim.std.tolist() == [[[[0.5]]]]
+    imagenet = victim_model("resnet18", 2, 3, 28, input_norm="imagenet")
+    assert imagenet.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert ResNetWithFeature("resnet18", 2, 1).mean.item() == pytest.approx(0.449)
+    with pytest.raises(UserError, match="medmnist"):
+        victim_model("resnet18", 2, 1, 28, input_norm="zscore")
 
 
 @pytest.mark.parametrize("size", [28, 32, 30])
