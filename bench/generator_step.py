@@ -6,8 +6,10 @@ perturbed batch, KL to a target centroid, backward, Adam step with gradients all
 * ``reference``: surrogate in eval mode with parameter gradients on (as the public UC code
   leaves it), standard memory layout.
 * ``frozen``: the same without parameter gradients.
-* ``hpc-uc``: frozen, BatchNorm folded into the convolutions, channels-last (what
-  ``hpc-uc train`` runs).
+* ``hpc-uc``: frozen, BatchNorm folded into the convolutions, channels-last, and the
+  generator's gradient synchronised as d loss / d delta through ``GeneratorBank`` (what
+  ``hpc-uc train`` runs: with one generator, rank 0 owns it and the other ranks only run
+  the surrogate).
 
 Run alone for 1 rank, under ``mpirun -np 2`` for 2 (weak scaling: the per-rank batch is
 fixed). Prints one Markdown row per variant (rank 0).
@@ -24,7 +26,8 @@ import time
 import torch
 
 from hpc_uc.comm import get_comm
-from hpc_uc.generator import kl_to_target
+from hpc_uc.config import load_config
+from hpc_uc.generator import GeneratorBank, kl_to_target
 from hpc_uc.models import Generator, ResNetWithFeature, fold_batchnorm, perturbation
 
 VARIANTS = ("reference", "frozen", "hpc-uc")
@@ -41,23 +44,44 @@ def surrogate_for(variant: str, arch: str, size: int, channels: int) -> torch.nn
     return model
 
 
-def images_per_second(comm, variant: str, args) -> float:
-    surrogate = surrogate_for(variant, args.arch, args.size, args.channels)
+def reference_step(comm, args, surrogate, target):
+    """The reference's synchronisation: the generator's parameter gradients all-reduced."""
     gen = Generator(args.channels, base_filters=64, n_down=2, n_blocks=6)
     comm.broadcast_model(gen)
     opt = comm.distributed_optimizer(torch.optim.Adam(gen.parameters(), lr=1e-4), gen)
     z = torch.rand(1, args.channels, args.size, args.size)
-    x = torch.rand(args.batch, args.channels, args.size, args.size)
-    target = torch.softmax(torch.randn(1, surrogate.feature_dim), 1).expand(args.batch, -1)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            comm.barrier()
-            began = time.perf_counter()
+
+    def step(x):
         opt.zero_grad()
         xp = (x + perturbation(gen, z, 16 / 255)).clamp(0, 1)
-        loss = kl_to_target(surrogate(xp)[1], target).mean()
-        loss.backward()
+        kl_to_target(surrogate(xp)[1], target).mean().backward()
         opt.step()
+    return step
+
+
+def bank_step(comm, args, surrogate, target):
+    """hpc-uc's: the generator's owner backpropagates the all-reduced d loss / d delta."""
+    cfg = load_config(None, ["generator.base_filters=64", "generator.n_blocks=6"])
+    bank = GeneratorBank(cfg, 1, args.channels, args.size, comm, lr=1e-4)
+
+    def step(x):
+        own, delta = bank.forward()
+        xp = (x + delta[0]).clamp(0, 1)
+        kl_to_target(surrogate(xp)[1], target).mean().backward()
+        bank.step(own, delta, 1e-4)
+    return step
+
+
+def images_per_second(comm, variant: str, args) -> float:
+    surrogate = surrogate_for(variant, args.arch, args.size, args.channels)
+    target = torch.softmax(torch.randn(1, surrogate.feature_dim), 1).expand(args.batch, -1)
+    step = (bank_step if variant == "hpc-uc" else reference_step)(comm, args, surrogate, target)
+    x = torch.rand(args.batch, args.channels, args.size, args.size)
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            comm.barrier()
+            began = time.perf_counter()
+        step(x)
     comm.barrier()
     return args.batch * args.steps / (time.perf_counter() - began)
 

@@ -5,6 +5,8 @@ x' = clamp(x + delta_k, 0, 1) goes through the frozen surrogate, and the loss is
 KL(softmax(centroid_t) || softmax(features(x'))) with t = (k + offset) mod K.
 `generator.train_on: all` trains every generator on every image (the reference);
 `cluster` trains generator k only on the images of cluster k (K times less work).
+Batches are data-parallel over ranks; the generators themselves are split over ranks
+(`GeneratorBank`), with their gradients synchronised through d loss / d delta.
 """
 from __future__ import annotations
 
@@ -57,18 +59,81 @@ def kl_to_target(features: torch.Tensor, target_probs: torch.Tensor) -> torch.Te
     return (target_probs * (target_probs.clamp_min(1e-12).log() - log_q)).sum(1)
 
 
-def build_generators(cfg: dict, k: int, channels: int, size: int, device: torch.device):
-    """K generators and their fixed uniform noise, both from the config's seed."""
-    g = cfg["generator"]
-    torch.manual_seed(cfg["seed"])
-    gens = nn.ModuleList(Generator(channels, g["base_filters"], g["n_down"], g["n_blocks"]) for _ in range(k))
-    noise = torch.rand(k, 1, channels, size, size, generator=torch.Generator().manual_seed(cfg["seed"] + 1))
-    return gens.to(device), noise.to(device)
+class GeneratorBank:
+    """The K generators, their fixed noise, and their training split over ranks.
 
+    Rank r owns (runs and updates) generators k with k % world_size == r; every rank holds
+    all K perturbations for its batch. One step: owners compute their delta_k, an all-reduce
+    (sum) assembles all K on every rank, each rank backpropagates its local loss to
+    d loss / d delta (K x C x H x W), an all-reduce (mean) of that gradient gives each owner
+    the gradient of the global mean loss, and owners backpropagate it through their own
+    generators. Generator parameters never travel; their gradients are synchronised in this
+    compact form (one delta-sized all-reduce instead of K generators' parameters), and each
+    rank computes K / world_size generators instead of all K. One Adam per generator keeps
+    the checkpoint independent of the world size.
+    """
 
-def deltas(gens: nn.ModuleList, noise: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """K x C x H x W perturbations, one per cluster."""
-    return torch.cat([perturbation(g, z, cfg["epsilon"], cfg["norm"]) for g, z in zip(gens, noise)])
+    def __init__(self, cfg: dict, k: int, channels: int, size: int, comm: Comm, lr: float) -> None:
+        g = cfg["generator"]
+        self.comm, self.k, self.epsilon, self.norm = comm, k, cfg["epsilon"], cfg["norm"]
+        torch.manual_seed(cfg["seed"])
+        self.gens = nn.ModuleList(Generator(channels, g["base_filters"], g["n_down"], g["n_blocks"])
+                                  for _ in range(k)).to(comm.device)
+        noise = torch.rand(k, 1, channels, size, size, generator=torch.Generator().manual_seed(cfg["seed"] + 1))
+        self.noise = noise.to(comm.device)
+        self.owned = list(range(comm.rank, k, comm.size))
+        self.opts = {i: torch.optim.Adam(self.gens[i].parameters(), lr=lr, weight_decay=g["weight_decay"])
+                     for i in self.owned}
+
+    def _own(self) -> torch.Tensor | None:
+        if not self.owned:
+            return None
+        return torch.cat([perturbation(self.gens[i], self.noise[i], self.epsilon, self.norm) for i in self.owned])
+
+    def _assemble(self, own: torch.Tensor | None) -> torch.Tensor:
+        full = torch.zeros(self.k, *self.noise.shape[2:], device=self.comm.device)
+        if own is not None:
+            full[self.owned] = own.detach()
+        return self.comm.allreduce(full, op="sum")
+
+    def forward(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(this rank's deltas with their graph, all K deltas as a leaf that collects grads)."""
+        own = self._own()
+        return own, self._assemble(own).requires_grad_()
+
+    def step(self, own: torch.Tensor | None, full: torch.Tensor, lr: float) -> None:
+        """After ``loss.backward()``: average d loss / d delta over ranks, update own generators."""
+        grad = full.grad if full.grad is not None else torch.zeros_like(full)
+        grad = self.comm.allreduce(grad, op="mean")
+        for opt in self.opts.values():
+            set_lr(opt, lr)
+            opt.zero_grad()
+        if own is not None:
+            own.backward(grad[self.owned])
+        for opt in self.opts.values():
+            opt.step()
+
+    @torch.no_grad()
+    def deltas(self) -> torch.Tensor:
+        """All K perturbations (K x C x H x W) on every rank."""
+        self.gens.eval()
+        return self._assemble(self._own())
+
+    def state(self) -> dict | None:
+        """Generators and optimizer states of every rank, merged on rank 0 (None elsewhere)."""
+        mine = {i: ({n: t.detach().cpu() for n, t in self.gens[i].state_dict().items()},
+                    self.opts[i].state_dict()) for i in self.owned}
+        parts = self.comm.gather(mine)
+        if parts is None:
+            return None
+        merged = {i: piece for part in parts for i, piece in part.items()}
+        generators = {f"{i}.{n}": t for i in range(self.k) for n, t in merged[i][0].items()}
+        return {"generators": generators, "optimizers": {i: merged[i][1] for i in range(self.k)}}
+
+    def load(self, state: dict) -> None:
+        self.gens.load_state_dict(state["generators"])
+        for i, opt in self.opts.items():
+            opt.load_state_dict(state["optimizers"][i])
 
 
 def generator_loss(surrogate: nn.Module, x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor,
@@ -85,6 +150,9 @@ def generator_loss(surrogate: nn.Module, x: torch.Tensor, idx: torch.Tensor, del
     return kl_to_target(feats, targets.target_probs[c]).mean()
 
 
+CHECKPOINT_FORMAT = 2  # 2: one Adam per generator (world-size independent)
+
+
 def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """Train the generators; write the final perturbations to RUN_DIR/perturbations.h5."""
     g = cfg["generator"]
@@ -95,52 +163,47 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
                         f"each rank holds {len(data)}")
     surrogate = load_frozen_surrogate(cfg, run, data.manifest, comm.device)
     targets = ClusterTargets(run.clusters, cfg["target_offset"], comm.device)
-    gens, noise = build_generators(cfg, targets.k, data.channels, data.image_size, comm.device)
     lr = scaled_lr(cfg, g["lr"], cfg["batch_size"])
-    opt = torch.optim.Adam(gens.parameters(), lr=lr, weight_decay=g["weight_decay"])
+    bank = GeneratorBank(cfg, targets.k, data.channels, data.image_size, comm, lr)
     key, start = stage_key(cfg, "train"), 0
     if cfg["resume"] and run.checkpoint.is_file():
         state = load_torch(run.checkpoint)
-        if state["key"] == key:
-            gens.load_state_dict(state["generators"])
-            opt.load_state_dict(state["optimizer"])
+        if state.get("key") == key and state.get("format") == CHECKPOINT_FORMAT:
+            bank.load(state)
             start = int(state["epoch"]) + 1
-    comm.broadcast_model(gens)
-    opt = comm.distributed_optimizer(opt, gens)
+    comm.broadcast_model(bank.gens)
     steps = len(data) // per_rank
     total, warmup = g["epochs"] * steps, cfg["warmup_epochs"] * steps
     log = MetricsLog(run.metrics, comm, "train")
     if comm.is_root and start:
         print(f"train: resuming after epoch {start}", flush=True)
     for epoch in range(start, g["epochs"]):
-        gens.train()
+        bank.gens.train()
         began, loss_sum = time.perf_counter(), torch.zeros(2, dtype=torch.float64)
         batches = data.batches(per_rank, epoch=epoch, shuffle=True, drop_last=True)
         for i, (x, _, idx) in enumerate(progress(batches, comm, f"generators {epoch + 1}/{g['epochs']}", steps)):
             step_lr = lr_at(epoch * steps + i, total, warmup, lr, g["min_lr"])
-            set_lr(opt, step_lr)
-            opt.zero_grad()
+            own, delta = bank.forward()
             with torch.autocast(comm.device.type, dtype=torch.bfloat16, enabled=g["bf16"]):
-                loss = generator_loss(surrogate, x, idx, deltas(gens, noise, cfg), targets, g["train_on"])
+                loss = generator_loss(surrogate, x, idx, delta, targets, g["train_on"])
             loss.backward()
-            opt.step()
+            bank.step(own, delta, step_lr)
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         loss_sum = comm.allreduce(loss_sum, op="sum")
         seconds = time.perf_counter() - began
         record = {"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1]), "lr": step_lr,
                   "seconds": round(seconds, 3), "images_per_s": round(steps * cfg["batch_size"] / seconds, 2)}
         log.write(**record)
+        state = bank.state()
         if comm.is_root:
             print(f"train: epoch {epoch + 1}/{g['epochs']} loss {record['loss']:.4f} "
                   f"({record['images_per_s']:.1f} images/s)", flush=True)
-            save_torch(run.checkpoint, {"key": key, "epoch": epoch, "generators": gens.state_dict(),
-                                        "optimizer": opt.state_dict()})
-    with torch.no_grad():
-        gens.eval()
-        final = deltas(gens, noise, cfg).cpu()
+            save_torch(run.checkpoint, {"key": key, "format": CHECKPOINT_FORMAT, "epoch": epoch, **state})
+    final = bank.deltas().cpu()
+    state = bank.state()
     if comm.is_root:
         save_perturbations(run.perturbations, final, cfg)
-        save_torch(run.generators, gens.state_dict())
+        save_torch(run.generators, state["generators"])
     comm.barrier()
     return {"clusters": targets.k, "epochs": g["epochs"]}
 
