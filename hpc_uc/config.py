@@ -55,7 +55,6 @@ DEFAULTS: dict[str, Any] = {
         "n_blocks": 6,
         "train_on": "all",        # all | cluster
         "bf16": False,            # autocast bf16 (GPU/CPUs with bf16 support)
-        "channels_last": False,
     },
     "victim": {                   # MedMNIST v2's protocol by default
         "arch": "resnet18",
