@@ -171,6 +171,8 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
         if state.get("key") == key and state.get("format") == CHECKPOINT_FORMAT:
             bank.load(state)
             start = int(state["epoch"]) + 1
+        elif comm.is_root:
+            print("train: the checkpoint was written for another config or format; starting over", flush=True)
     comm.broadcast_model(bank.gens)
     steps = len(data) // per_rank
     total, warmup = g["epochs"] * steps, cfg["warmup_epochs"] * steps
