@@ -179,8 +179,9 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
     log = MetricsLog(run.metrics, comm, "train")
     if comm.is_root and start:
         print(f"train: resuming after epoch {start}", flush=True)
-    state = None  # the owners' states merged on rank 0, gathered once per epoch
-    for epoch in range(start, g["epochs"]):
+    epochs = range(start, g["epochs"])
+    state = None  # the owners' states merged on rank 0 (None on other ranks), gathered per epoch
+    for epoch in epochs:
         bank.gens.train()
         began, loss_sum = time.perf_counter(), torch.zeros(2, dtype=torch.float64)
         batches = data.batches(per_rank, epoch=epoch, shuffle=True, drop_last=True)
@@ -203,8 +204,8 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
                   f"({record['images_per_s']:.1f} images/s)", flush=True)
             save_torch(run.checkpoint, {"key": key, "format": CHECKPOINT_FORMAT, "epoch": epoch, **state})
     final = bank.deltas().cpu()
-    if state is None:  # no epoch ran here (generator.epochs=0, or resumed after the last)
-        state = bank.state()
+    if not epochs:  # no epoch ran here (generator.epochs=0, or resumed after the last); a
+        state = bank.state()  # collective, so the condition must agree on every rank
     if comm.is_root:
         save_perturbations(run.perturbations, final, cfg)
         save_torch(run.generators, state["generators"])
