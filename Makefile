@@ -41,7 +41,7 @@ test-unit:
 	$(PY) -m pytest -q -m "not mpi" tests
 
 test-mpi:
-	$(MPIRUN) $(PY) tests/mpi_pytest.py -q -m mpi tests
+	$(MPIRUN) --timeout 900 $(PY) tests/mpi_pytest.py -q -m mpi tests
 
 # The embedded default: scikit-learn's digits, the whole pipeline on NP ranks, then the report.
 RUN_ARGS ?= profile=fast

@@ -1,16 +1,16 @@
 """Single-process communicator behaviour and whole-job failure handling under mpirun."""
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
-from conftest import mpirun, venv_bin
+from conftest import mpirun, run_job, venv_bin
 from hpc_uc.comm import get_comm
 
 
@@ -51,7 +51,7 @@ def test_exception_on_one_rank_ends_the_job(tmp_path, backend):
         time.sleep(60)
     """))
     start = time.monotonic()
-    proc = subprocess.run([*mpirun(2), sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    proc = run_job([*mpirun(2), sys.executable, str(script)], timeout=60)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 30, f"job took {elapsed:.1f}s to end"
@@ -61,16 +61,29 @@ def test_exception_on_one_rank_ends_the_job(tmp_path, backend):
 
 
 def test_info_without_mpirun():
-    out = subprocess.run([venv_bin("hpc-uc"), "info"], capture_output=True, text=True, timeout=300)
+    out = run_job([venv_bin("hpc-uc"), "info"], timeout=300)
     assert out.returncode == 0, out.stderr
     assert "world size: 1" in out.stdout
 
 
 def test_info_under_mpirun_shows_both_backends():
-    out = subprocess.run([*mpirun(2), venv_bin("hpc-uc"), "info"], capture_output=True, text=True, timeout=300)
+    out = run_job([*mpirun(2), venv_bin("hpc-uc"), "info"], timeout=300)
     assert out.returncode == 0, out.stderr
     assert "world size: 2" in out.stdout
     assert "torch.distributed: available" in out.stdout
     from hpc_uc.comm import horovod_available
     if horovod_available():
         assert "horovod: available" in out.stdout
+
+
+def test_hung_job_is_killed_with_all_its_ranks(tmp_path):
+    """The suite's guard: a job that outlives its timeout fails the test and leaves no rank."""
+    marker = tmp_path / "alive"
+    script = tmp_path / "hang.py"
+    script.write_text(f"import time\nopen({str(marker)!r} + str(__import__('os').getpid()), 'w')\ntime.sleep(120)\n")
+    with pytest.raises(pytest.fail.Exception, match="still running after 5s"):
+        run_job([*mpirun(2), sys.executable, str(script)], timeout=5)
+    pids = [int(p.name[len("alive"):]) for p in tmp_path.glob("alive*")]
+    assert len(pids) == 2
+    time.sleep(0.5)
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_job
 from hpc_uc.errors import UserError
 from mpi_jobs.plan import plan
 from mpi_jobs.render import SCHEDULERS, JobOptions, render
@@ -214,8 +215,7 @@ def test_render_cli_writes_an_executable_script(tmp_path):
 # ---- submit ---------------------------------------------------------------------------------
 
 def submit(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mpi_jobs.submit", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_job([sys.executable, "-m", "mpi_jobs.submit", *args], cwd=REPO, env=env, timeout=300)
 
 
 @pytest.mark.parametrize("kind, tool", [("lsf", "bsub"), ("slurm", "sbatch")])

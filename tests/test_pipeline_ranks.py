@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO, mpirun, venv_bin
+from conftest import REPO, kill_group, mpirun, run_job, venv_bin
 from hpc_uc.comm import horovod_available
 
 TINY = ["profile=fast", "surrogate.epochs=1", "surrogate.stem=standard", "generator.base_filters=8",
@@ -22,9 +22,9 @@ TINY = ["profile=fast", "surrogate.epochs=1", "surrogate.stem=standard", "genera
 CONFIG = str(REPO / "configs" / "digits.yaml")
 
 
-def hpc_uc(args: list[str], np: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+def hpc_uc(args: list[str], np: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [*mpirun(np), venv_bin("hpc-uc")] if np > 1 else [venv_bin("hpc-uc")]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
+    return run_job([*cmd, *args], timeout=timeout)
 
 
 def delta(run_dir: Path) -> np.ndarray:
@@ -82,16 +82,19 @@ def test_killed_rank_ends_job_and_resume_matches(clustered, digits_dir, tmp_path
 
     killed = copy_run(clustered, tmp_path / "killed")
     job = subprocess.Popen([*mpirun(2), venv_bin("hpc-uc"), "train", *common, f"run_dir={killed}"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = killed / "generators" / "checkpoint.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and time.monotonic() < deadline and job.poll() is None:
-        time.sleep(0.2)
-    assert checkpoint.exists(), "no checkpoint was written"
-    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "hpc-uc" in " ".join(p.cmdline())]
-    assert len(ranks) == 2
-    os.kill(ranks[-1].pid, signal.SIGKILL)
-    job.communicate(timeout=60)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        checkpoint = killed / "generators" / "checkpoint.pt"
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert checkpoint.exists(), "no checkpoint was written"
+        ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "hpc-uc" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        os.kill(ranks[-1].pid, signal.SIGKILL)
+        job.communicate(timeout=60)
+    finally:
+        kill_group(job)  # whatever happened above, no rank outlives the test
     assert job.returncode != 0
     assert not (killed / "perturbations.h5").exists()
 

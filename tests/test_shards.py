@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_job
 from data_prep.__main__ import main as prep_main
 from hpc_uc import reader as reader_module
 from hpc_uc.errors import UserError
@@ -474,10 +475,9 @@ def test_mpirun_failure_on_one_rank_ends_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(["mpirun", "-np", "2", sys.executable, "-m", "data_prep", "imagefolder",
-                             str(tmp_path / "tree"), "--size", "8", "--shards", "2", "--out",
-                             str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
-                            env=env, timeout=180)
+    result = run_job(["mpirun", "-np", "2", sys.executable, "-m", "data_prep", "imagefolder",
+                      str(tmp_path / "tree"), "--size", "8", "--shards", "2", "--out",
+                      str(tmp_path / "out")], cwd=REPO, env=env, timeout=180)
     assert result.returncode != 0
     assert "error: " in result.stderr and "003.png: cannot read image" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
