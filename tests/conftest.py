@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,22 +34,19 @@ def mpirun(np: int = 2) -> list[str]:
     return [exe, "-np", str(np), "--oversubscribe"]
 
 
-def run_job(cmd: list, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+def run_job(cmd: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` for commands that may start
-    MPI ranks. The command gets its own process group; if it outlives ``timeout`` the whole
-    group (mpirun and every rank) is killed and the test fails with the output so far, so a
-    hung job costs one test its timeout and never blocks the suite."""
-    kwargs.setdefault("text", True)
-    stdin = kwargs.pop("input", None)
-    with subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          stdin=subprocess.PIPE if stdin is not None else None,
+    MPI ranks. The command gets a session of its own; if it outlives ``timeout``, everything
+    in that session (mpirun and every rank) is killed and the test fails with the output so
+    far, so a hung job costs one test its timeout and never blocks the suite."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True, **kwargs) as proc:
         try:
-            out, err = proc.communicate(stdin, timeout=timeout)
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_group(proc)
             out, err = proc.communicate()
-            pytest.fail(f"{' '.join(map(str, cmd[:4]))} ... still running after {timeout}s (hang?); "
+            pytest.fail(f"{' '.join(cmd[:4])} ... still running after {timeout}s (hang?); "
                         f"killed.\n--- stdout tail\n{out[-3000:]}\n--- stderr tail\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
@@ -56,8 +54,6 @@ def run_job(cmd: list, timeout: float = 300, **kwargs) -> subprocess.CompletedPr
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL a process started with ``start_new_session=True`` and everything in its session
     (mpirun gives each rank a process group of its own, so killpg alone would miss them)."""
-    import psutil
-
     for pid in psutil.pids():
         try:
             if os.getsid(pid) == proc.pid:

@@ -78,9 +78,12 @@ def test_info_under_mpirun_shows_both_backends():
 
 def test_hung_job_is_killed_with_all_its_ranks(tmp_path):
     """The suite's guard: a job that outlives its timeout fails the test and leaves no rank."""
-    marker = tmp_path / "alive"
     script = tmp_path / "hang.py"
-    script.write_text(f"import time\nopen({str(marker)!r} + str(__import__('os').getpid()), 'w')\ntime.sleep(120)\n")
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        open(os.path.join({str(tmp_path)!r}, f"alive{{os.getpid()}}"), "w").close()
+        time.sleep(120)
+    """))
     with pytest.raises(pytest.fail.Exception, match="still running after 5s"):
         run_job([*mpirun(2), sys.executable, str(script)], timeout=5)
     pids = [int(p.name[len("alive"):]) for p in tmp_path.glob("alive*")]

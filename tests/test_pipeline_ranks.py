@@ -22,9 +22,9 @@ TINY = ["profile=fast", "surrogate.epochs=1", "surrogate.stem=standard", "genera
 CONFIG = str(REPO / "configs" / "digits.yaml")
 
 
-def hpc_uc(args: list[str], np: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def hpc_uc(args: list[str], np: int = 1) -> subprocess.CompletedProcess:
     cmd = [*mpirun(np), venv_bin("hpc-uc")] if np > 1 else [venv_bin("hpc-uc")]
-    return run_job([*cmd, *args], timeout=timeout)
+    return run_job([*cmd, *args])
 
 
 def delta(run_dir: Path) -> np.ndarray:
