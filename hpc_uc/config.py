@@ -67,17 +67,30 @@ DEFAULTS: dict[str, Any] = {
         "milestones": [0.5, 0.75],  # x0.1 at these fractions of training
         "select": "auc",          # keep the epoch with the best validation auc | acc
         "input_norm": "medmnist", # medmnist (0.5 / 0.5) | imagenet statistics
+        "ue": {                   # the Unlearnable Examples literature's protocol (arch, stem,
+            "epochs": 30,         # input_norm and batch_size shared with the keys above)
+            "lr": 0.1,            # SGD, scaled like victim.lr against victim.base_batch_size
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "crop_padding": 4,    # random crop with this zero padding (<= 64 px), then h-flip
+        },
+    },
+    "evaluate": {
+        "protocols": ["medmnist", "ue"],  # victim protocols: medmnist (Adam, best val epoch) | ue
+        "recalibrate_samples": 100,       # clean labelled val images an attacker re-fits the head on
     },
     "defenses": [],               # jpeg10, jpeg50, grayscale, cutmix, mixup, pgd
     "defense": {"pgd_epsilon": 8 / 255, "pgd_steps": 5, "pgd_step_size": 2 / 255},
 }
+
+PROTOCOLS = ("medmnist", "ue")
 
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     "fast": {
         "surrogate": {"epochs": 4},
         "generator": {"epochs": 4, "base_filters": 16, "n_blocks": 2, "lr": 1e-3},
-        "victim": {"epochs": 10},
+        "victim": {"epochs": 10, "ue": {"epochs": 10}},
     },
 }
 
@@ -179,6 +192,19 @@ def validate(cfg: dict) -> None:
         value = get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f"{key} must be a non-negative integer, not {value!r}")
+    protocols = cfg["evaluate"]["protocols"]
+    if (not isinstance(protocols, list) or not protocols or len(set(map(str, protocols))) != len(protocols)
+            or not set(protocols) <= set(PROTOCOLS)):
+        raise UserError(f"evaluate.protocols must be a non-empty list of distinct names from "
+                        f"{', '.join(PROTOCOLS)}, not {protocols!r}")
+    for key in ("victim.ue.epochs", "victim.ue.crop_padding", "evaluate.recalibrate_samples"):
+        value = get(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{key} must be a non-negative integer, not {value!r}")
+    for key in ("victim.ue.lr", "victim.ue.momentum", "victim.ue.weight_decay"):
+        value = get(cfg, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{key} must be a non-negative number, not {value!r}")
     if cfg["batch_size"] < 1:
         raise UserError("batch_size must be at least 1")
     if cfg["clusters"] < 2:

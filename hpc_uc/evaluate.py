@@ -1,15 +1,27 @@
-"""Stage `evaluate`: how unlearnable the protected copy is.
+"""Stage `evaluate`: how unlearnable the protected copy is, read as a sceptical data owner would.
 
-A victim is trained from scratch, data-parallel, once on the clean training split and once
-on the protected one (plus once per configured defense), each tested on the **clean** test
-split with MedMNIST's metrics over the full gathered test set. RUN_DIR/results.json holds
-the figures (schema: docs/results.md).
+For each victim protocol (``evaluate.protocols``) a victim is trained from scratch,
+data-parallel, once on the clean training split, once on the protected one and once per
+configured defense; each is tested on the **clean** test split with MedMNIST's metrics over
+the full gathered test set, and again after an attacker re-fits its last layer on a few
+clean labelled images (hpc_uc.recalibrate). Protocols:
+
+* ``medmnist`` -- MedMNIST v2's: Adam, step decay, no augmentation, the best
+  clean-validation epoch reported.
+* ``ue`` -- the Unlearnable Examples literature's: SGD momentum 0.9, lr 0.1, weight decay
+  5e-4, cosine to 0, random crop + horizontal flip, the **final** epoch reported (the best
+  validation epoch's test figures beside it).
+
+RUN_DIR/results.json holds the figures (schema: docs/results.md), RUN_DIR/victims.png the
+per-epoch validation curves.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
+import numpy as np
 import torch
 
 from .atomic import read_json, write_json
@@ -19,12 +31,15 @@ from .defenses import build_defense
 from .export import read_whole_split
 from .imperceptibility import imperceptibility
 from .metrics import chance_accuracy, medmnist_metrics
-from .models import ResNetClassifier, victim_model
+from .models import ResNetClassifier, ResNetWithFeature, victim_model
+from .protection import protection_figures
 from .reader import ShardedDataset
+from .recalibrate import recalibrated_metrics
 from .rundir import RunDir
 from .training import MetricsLog, predict, train_classifier
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
+RECALIBRATE_SEED = 0
 
 
 def build_victim(cfg: dict, manifest: dict) -> ResNetClassifier:
@@ -34,26 +49,80 @@ def build_victim(cfg: dict, manifest: dict) -> ResNetClassifier:
                         stem=v["stem"], input_norm=v["input_norm"])
 
 
-def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, log: MetricsLog,
-                   defense_name: str | None = None) -> dict:
-    """Train a victim on ``train_dir``'s train split, keep the best-on-validation weights
-    (``victim.select``: val AUC as MedMNIST's benchmark, or val ACC), and return test
-    ACC/AUC on the clean test split (rank 0; an empty dict elsewhere)."""
+def protocol_settings(cfg: dict, protocol: str) -> dict:
+    """Training arguments of one victim protocol, and whether it reports the final epoch."""
+    from .augment import crop_flip
+
     v = cfg["victim"]
+    if protocol == "ue":
+        ue = v["ue"]
+        return {"epochs": ue["epochs"], "optimizer": "sgd", "momentum": ue["momentum"],
+                "lr": scaled_lr(cfg, ue["lr"], v["batch_size"], v["base_batch_size"]),
+                "weight_decay": ue["weight_decay"], "milestones": None,
+                "augment": functools.partial(crop_flip, padding=ue["crop_padding"]), "final": True}
+    return {"epochs": v["epochs"], "optimizer": "adam", "momentum": 0.0,
+            "lr": scaled_lr(cfg, v["lr"], v["batch_size"], v["base_batch_size"]),
+            "weight_decay": v["weight_decay"], "milestones": tuple(v["milestones"]),
+            "augment": None, "final": False}
+
+
+def predict_with_features(model: ResNetClassifier, ds: ShardedDataset, comm: Comm):
+    """(logits, pooled features, labels) of every sample of ``ds`` on rank 0; None elsewhere."""
+    out = predict(model, ds, comm, forward=lambda x: torch.cat(ResNetWithFeature.forward(model, x), 1))
+    if out is None:
+        return None
+    both, labels = out
+    c = model.backbone.fc.out_features
+    return both[:, :c], both[:, c:], labels
+
+
+class Splits:
+    """The clean val and test splits every victim is measured on (read once)."""
+
+    def __init__(self, cfg: dict, comm: Comm) -> None:
+        manifest = ShardedDataset(cfg["data_dir"], "test", comm, full=True, cache=cfg["cache"]).manifest
+        self.val = (ShardedDataset(cfg["data_dir"], "val", comm, cache=cfg["cache"], full=True)
+                    if "val" in manifest["splits"] else None)
+        self.test = ShardedDataset(cfg["data_dir"], "test", comm, cache=cfg["cache"], full=True)
+        self.task, self.num_classes = manifest["task"], manifest["num_classes"]
+
+
+def measure(cfg: dict, model: ResNetClassifier, splits: Splits, comm: Comm) -> dict:
+    """Test ACC/AUC of ``model`` and of its head re-fitted on clean val images (rank 0)."""
+    test = predict_with_features(model, splits.test, comm)
+    val = predict_with_features(model, splits.val, comm) if splits.val is not None else None
+    if not comm.is_root:
+        return {}
+    logits, feats, labels = test
+    scores = medmnist_metrics(splits.task, labels, logits)
+    out = {"test_acc": scores["acc"], "test_auc": scores["auc"], "recalibrated_acc": None,
+           "recalibrated_auc": None}
+    if val is not None and cfg["evaluate"]["recalibrate_samples"] > 0:
+        recal = recalibrated_metrics(val[1], val[2], feats, labels, splits.task, splits.num_classes,
+                                     cfg["evaluate"]["recalibrate_samples"], RECALIBRATE_SEED)
+        out.update(recalibrated_acc=recal["acc"], recalibrated_auc=recal["auc"])
+    return out
+
+
+def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, splits: Splits,
+                   log: MetricsLog, defense_name: str | None = None) -> dict:
+    """Train one victim under ``protocol`` on ``train_dir``'s train split; return its figures on
+    the clean test split (rank 0; an empty dict elsewhere). ``history`` holds the per-epoch
+    clean validation ACC/AUC."""
+    v, s = cfg["victim"], protocol_settings(cfg, protocol)
     per_rank = check_world(cfg, comm.size, "victim.batch_size")
     train = ShardedDataset(train_dir, "train", comm, seed=cfg["seed"], cache=cfg["cache"])
     manifest = train.manifest
-    val_split = "val" if "val" in manifest["splits"] else None
-    val = ShardedDataset(cfg["data_dir"], val_split, comm, cache=cfg["cache"], full=True) if val_split else None
-    test = ShardedDataset(cfg["data_dir"], "test", comm, cache=cfg["cache"], full=True)
     torch.manual_seed(cfg["seed"])
     model = build_victim(cfg, manifest)
     best = {"score": -1.0, "val_acc": None, "val_auc": None, "state": None, "epoch": 0}
+    history: list[dict] = []
+    label = f"{protocol}/{name}"
 
     def on_epoch(epoch: int, loss: float) -> None:
-        record = {"victim": name, "epoch": epoch + 1, "loss": loss}
-        if val is not None:
-            result = predict(model, val, comm)
+        record = {"victim": name, "protocol": protocol, "epoch": epoch + 1, "loss": loss}
+        if splits.val is not None:
+            result = predict(model, splits.val, comm)
             scores = medmnist_metrics(manifest["task"], result[1], result[0]) if comm.is_root else None
             scores = comm.broadcast(scores)
             record.update(val_acc=scores["acc"], val_auc=scores["auc"])
@@ -61,50 +130,77 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, log: MetricsLog,
             if score > best["score"]:
                 best.update(score=score, val_acc=scores["acc"], val_auc=scores["auc"],
                             state=copy.deepcopy(model.state_dict()), epoch=epoch + 1)
+        history.append(record)
         log.write(**record)
         if comm.is_root:
-            print(f"evaluate[{name}]: epoch {epoch + 1}/{v['epochs']} loss {loss:.4f}"
+            print(f"evaluate[{label}]: epoch {epoch + 1}/{s['epochs']} loss {loss:.4f}"
                   + (f" val acc {record['val_acc']:.3f} auc {record['val_auc']}"
                      if "val_acc" in record else ""), flush=True)
 
     defense = build_defense(defense_name, cfg["defense"]) if defense_name else None
     began = time.perf_counter()
-    train_classifier(model, train, comm, epochs=v["epochs"],
-                     lr=scaled_lr(cfg, v["lr"], v["batch_size"], v["base_batch_size"]),
-                     weight_decay=v["weight_decay"], batch_per_rank=per_rank, task=manifest["task"],
-                     milestones=tuple(v["milestones"]), on_epoch=on_epoch, defense=defense,
-                     seed=cfg["seed"])
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    result = predict(model, test, comm)
+    train_classifier(model, train, comm, epochs=s["epochs"], lr=s["lr"], weight_decay=s["weight_decay"],
+                     batch_per_rank=per_rank, task=manifest["task"], milestones=s["milestones"],
+                     on_epoch=on_epoch, defense=defense, seed=cfg["seed"], optimizer=s["optimizer"],
+                     momentum=s["momentum"], augment=s["augment"])
+    extra = {}
+    if s["final"]:
+        final_epoch = s["epochs"]
+        if best["state"] is not None:  # the best-validation epoch's test figures, for reference
+            final_state = copy.deepcopy(model.state_dict())
+            model.load_state_dict(best["state"])
+            at_best = measure(cfg, model, splits, comm)
+            extra = {"best_val_test_acc": at_best.get("test_acc"), "best_val_test_auc": at_best.get("test_auc")}
+            model.load_state_dict(final_state)
+    else:
+        final_epoch = best["epoch"] if best["state"] is not None else s["epochs"]
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])
+    out = measure(cfg, model, splits, comm)
     if not comm.is_root:
         return {}
-    scores, labels = result
-    metrics = medmnist_metrics(manifest["task"], labels, scores)
-    out = {"test_acc": metrics["acc"], "test_auc": metrics["auc"], "best_epoch": best["epoch"],
-           "val_acc": best["val_acc"], "val_auc": best["val_auc"],
-           "seconds": round(time.perf_counter() - began, 2)}
-    print(f"evaluate[{name}]: test acc {out['test_acc']:.3f} auc {out['test_auc']}", flush=True)
+    out.update(best_epoch=best["epoch"], reported_epoch=final_epoch, epochs=s["epochs"],
+               val_acc=best["val_acc"], val_auc=best["val_auc"], **extra,
+               seconds=round(time.perf_counter() - began, 2), history=history)
+    print(f"evaluate[{label}]: test acc {out['test_acc']:.3f} auc {_num(out['test_auc'])} "
+          f"recalibrated acc {_num(out['recalibrated_acc'])}", flush=True)
     return out
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
-    """Clean and protected victims (plus defenses); rank 0 writes results.json."""
+    """Clean and protected victims (plus defenses) under each protocol; rank 0 writes
+    results.json and victims.png."""
+    for name in cfg["defenses"]:  # a misspelled defense fails before any victim trains
+        build_defense(name, cfg["defense"])
     log = MetricsLog(run.metrics, comm, "evaluate")
-    clean = train_and_test(cfg, comm, cfg["data_dir"], "clean", log)
-    protected = train_and_test(cfg, comm, run.protected, "protected", log)
-    defenses = {name: train_and_test(cfg, comm, run.protected, name, log, defense_name=name)
-                for name in cfg["defenses"]}
+    splits = Splits(cfg, comm)
+    protocols = {}
+    for protocol in cfg["evaluate"]["protocols"]:
+        victims = {"clean": train_and_test(cfg, comm, cfg["data_dir"], "clean", protocol, splits, log),
+                   "protected": train_and_test(cfg, comm, run.protected, "protected", protocol, splits, log)}
+        victims["defenses"] = {name: train_and_test(cfg, comm, run.protected, name, protocol, splits, log,
+                                                    defense_name=name) for name in cfg["defenses"]}
+        protocols[protocol] = victims
     results = None
     if comm.is_root:
-        results = build_results(cfg, comm, run, clean, protected, defenses)
+        from .victim_curves import plot_victims
+
+        plot_victims({p: {n: victims[n].pop("history") for n in ("clean", "protected")}
+                      for p, victims in protocols.items()}, run.victims_png)
+        for victims in protocols.values():
+            for d in victims["defenses"].values():
+                d.pop("history")
+        results = build_results(cfg, comm, run, protocols)
         write_json(run.results, results)
     comm.barrier()
     return results or {}
 
 
-def build_results(cfg: dict, comm: Comm, run: RunDir, clean: dict, protected: dict,
-                  defenses: dict) -> dict:
+def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict) -> dict:
     """The results.json document (docs/results.md describes every field)."""
     source = read_json(f"{cfg['data_dir']}/manifest.json")
     _, test_labels, _ = read_whole_split(cfg["data_dir"], "test")
@@ -113,6 +209,12 @@ def build_results(cfg: dict, comm: Comm, run: RunDir, clean: dict, protected: di
     quality = imperceptibility(clean_train, prot_train)
     surrogate = read_json(run.surrogate_info) if run.surrogate_info.is_file() else {}
     timings = read_json(run.timings) if run.timings.is_file() else {}
+    chance = chance_accuracy(test_labels, source["task"])
+    protection = {}
+    for name, victims in protocols.items():
+        protection[name] = protection_figures(victims["clean"], victims["protected"], chance)
+        for d in victims["defenses"].values():
+            d["protection"] = protection_figures(victims["clean"], d, chance)
     return {
         "results_version": RESULTS_VERSION,
         "dataset": source["dataset"],
@@ -125,15 +227,15 @@ def build_results(cfg: dict, comm: Comm, run: RunDir, clean: dict, protected: di
         "clusters": cfg["clusters"],
         "seed": cfg["seed"],
         "profile": cfg["profile"],
+        "generator": cfg["generator"],
         "surrogate_val_acc": surrogate.get("val_acc"),
-        "clean": clean,
-        "protected": protected,
-        "protection_gain": clean["test_acc"] - protected["test_acc"],
-        "chance_acc": chance_accuracy(test_labels, source["task"]),
+        "chance_acc": chance,
+        "recalibrate_samples": cfg["evaluate"]["recalibrate_samples"],
+        "protocols": protocols,
+        "protection": protection,
         "psnr_db": quality["psnr_db"],
         "ssim": quality["ssim"],
         "linf": quality["linf"],
         "l2": quality["l2"],
-        "defenses": {name: {"test_acc": d["test_acc"], "test_auc": d["test_auc"]} for name, d in defenses.items()},
         "stage_seconds": timings,
     }

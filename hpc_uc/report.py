@@ -9,32 +9,53 @@ from .errors import UserError
 
 # field -> allowed types (None allowed where a metric can be undefined); docs/results.md
 _NUM = (int, float)
+_OPT = _NUM + (type(None),)
 SCHEMA: dict[str, tuple] = {
     "results_version": (int,), "dataset": (str,), "task": (str,), "world_size": (int,),
     "backend": (str,), "batch_size": (int,), "epsilon": _NUM, "norm": (str,), "clusters": (int,),
-    "seed": (int,), "profile": (str,), "surrogate_val_acc": _NUM + (type(None),),
-    "clean": (dict,), "protected": (dict,), "protection_gain": _NUM, "chance_acc": _NUM,
-    "psnr_db": _NUM + (type(None),), "ssim": _NUM, "linf": _NUM, "l2": _NUM,
-    "defenses": (dict,), "stage_seconds": (dict,),
+    "seed": (int,), "profile": (str,), "generator": (dict,), "surrogate_val_acc": _OPT,
+    "chance_acc": _NUM, "recalibrate_samples": (int,), "protocols": (dict,), "protection": (dict,),
+    "psnr_db": _OPT, "ssim": _NUM, "linf": _NUM, "l2": _NUM, "stage_seconds": (dict,),
 }
-VICTIM_SCHEMA = {"test_acc": _NUM, "test_auc": _NUM + (type(None),)}
+VICTIM_SCHEMA = {"test_acc": _NUM, "test_auc": _OPT, "recalibrated_acc": _OPT, "recalibrated_auc": _OPT,
+                 "best_epoch": (int,), "reported_epoch": (int,), "epochs": (int,), "seconds": _NUM}
+PROTECTION_SCHEMA = {"acc": _OPT, "auc": _OPT, "recalibrated_acc": _OPT, "headline": _OPT}
+
+
+def _check_fields(where: str, doc: Any, schema: dict) -> None:
+    if not isinstance(doc, dict):
+        raise UserError(f"results.json: {where} must be an object")
+    for key, kinds in schema.items():
+        if key not in doc:
+            raise UserError(f"results.json: {where}.{key} is missing")
+        if not isinstance(doc[key], kinds) or isinstance(doc[key], bool):
+            raise UserError(f"results.json: {where}.{key} has type {type(doc[key]).__name__}")
 
 
 def validate_results(doc: Any) -> None:
-    """Raise UserError unless ``doc`` follows the results.json schema."""
+    """Raise UserError unless ``doc`` follows the results.json schema (version 2)."""
     if not isinstance(doc, dict):
         raise UserError("results.json must hold an object")
+    if doc.get("results_version") != 2:
+        raise UserError(f"results.json has results_version {doc.get('results_version')!r}; this hpc-uc "
+                        f"reads version 2 (rerun `hpc-uc evaluate`)")
     missing = sorted(set(SCHEMA) - set(doc))
     if missing:
         raise UserError(f"results.json lacks {', '.join(missing)}")
-    for key, kinds in SCHEMA.items():
-        if not isinstance(doc[key], kinds) or isinstance(doc[key], bool):
-            raise UserError(f"results.json: {key} has type {type(doc[key]).__name__}")
-    victims = {"clean": doc["clean"], "protected": doc["protected"], **doc["defenses"]}
-    for name, victim in victims.items():
-        for key, kinds in VICTIM_SCHEMA.items():
-            if not isinstance(victim, dict) or not isinstance(victim.get(key), kinds):
-                raise UserError(f"results.json: {name}.{key} missing or of the wrong type")
+    _check_fields("results", doc, SCHEMA)
+    if not doc["protocols"] or set(doc["protocols"]) != set(doc["protection"]):
+        raise UserError("results.json: protocols and protection must name the same protocols")
+    for protocol, victims in doc["protocols"].items():
+        _check_fields(f"protocols.{protocol}", victims, {"clean": (dict,), "protected": (dict,),
+                                                          "defenses": (dict,)})
+        named = {"clean": victims["clean"], "protected": victims["protected"],
+                 **{f"defenses.{n}": d for n, d in victims["defenses"].items()}}
+        for name, victim in named.items():
+            _check_fields(f"protocols.{protocol}.{name}", victim, VICTIM_SCHEMA)
+        for name, d in victims["defenses"].items():
+            _check_fields(f"protocols.{protocol}.defenses.{name}.protection", d.get("protection"),
+                          PROTECTION_SCHEMA)
+        _check_fields(f"protection.{protocol}", doc["protection"][protocol], PROTECTION_SCHEMA)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -43,28 +64,56 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def verdict(figures: dict) -> str:
+    """One sentence on how deep the protection is."""
+    from .protection import shallow
+
+    head = figures["headline"]
+    if head is None:
+        return "undefined (the clean victim is no better than chance)"
+    if shallow(figures):
+        return ("**shallow**: accuracy falls, but the victim still ranks the classes (AUC) or an "
+                "attacker re-fitting its last layer on a few clean images recovers much of it")
+    if head >= 0.8:
+        return "deep: every reading is near chance"
+    if head >= 0.5:
+        return "partial: the weakest reading closes about half the gap or more"
+    return "weak: the weakest reading keeps most of the clean victim's skill"
+
+
 def render(doc: dict) -> str:
     """Markdown report of one run's results."""
-    lines = [
-        f"# hpc-uc report: {doc['dataset']}",
+    lines = [f"# hpc-uc report: {doc['dataset']}", ""]
+    for protocol, figs in doc["protection"].items():
+        lines.append(f"- **protection ({protocol} victim): {_fmt(figs['headline'])}** -- {verdict(figs)}")
+    lines += [
         "",
         f"{doc['world_size']} rank(s), backend {doc['backend']}, global batch {doc['batch_size']}, "
         f"epsilon {doc['epsilon']:.4f} ({doc['norm']}), K = {doc['clusters']}, profile {doc['profile']}, "
-        f"surrogate val acc {_fmt(doc['surrogate_val_acc'])}",
+        f"seed {doc['seed']}, surrogate val acc {_fmt(doc['surrogate_val_acc'])}",
         "",
-        "| victim trained on | test ACC | test AUC |",
-        "|---|---|---|",
-        f"| clean | {_fmt(doc['clean']['test_acc'])} | {_fmt(doc['clean']['test_auc'])} |",
-        f"| protected | {_fmt(doc['protected']['test_acc'])} | {_fmt(doc['protected']['test_auc'])} |",
+        "Protection = share of the clean-vs-chance gap closed (0 none, 1 chance); the headline is "
+        "the smallest of the three.",
+        "",
+        "| protocol | ACC | AUC | recalibrated ACC | headline |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| protected + {name} | {_fmt(d['test_acc'])} | {_fmt(d['test_auc'])} |"
-              for name, d in doc["defenses"].items()]
+    lines += [f"| {p} | {_fmt(f['acc'])} | {_fmt(f['auc'])} | {_fmt(f['recalibrated_acc'])} | "
+              f"**{_fmt(f['headline'])}** |" for p, f in doc["protection"].items()]
+    lines += ["", f"| protocol | victim trained on | test ACC | test AUC | recalibrated ACC "
+                  f"({doc['recalibrate_samples']} clean images) | reported epoch |",
+              "|---|---|---|---|---|---|"]
+    for protocol, victims in doc["protocols"].items():
+        named = [("clean", victims["clean"]), ("protected", victims["protected"])]
+        named += [(f"protected + {n}", d) for n, d in victims["defenses"].items()]
+        lines += [f"| {protocol} | {n} | {_fmt(v['test_acc'])} | {_fmt(v['test_auc'])} | "
+                  f"{_fmt(v['recalibrated_acc'])} | {v['reported_epoch']}/{v['epochs']} |" for n, v in named]
     lines += [
         "",
-        f"- protection gain (clean - protected test ACC): **{_fmt(doc['protection_gain'])}**",
-        f"- chance (majority class of the test split): {_fmt(doc['chance_acc'])}",
+        f"- chance: majority rate of the test split {_fmt(doc['chance_acc'])} (ACC), 0.5 (AUC)",
         f"- imperceptibility: PSNR {_fmt(doc['psnr_db'], 2)} dB, SSIM {_fmt(doc['ssim'])}, "
         f"L-inf {_fmt(doc['linf'], 4)}, mean L2 {_fmt(doc['l2'])}",
+        "- validation curves of the victims: [victims.png](victims.png)",
         "- wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in doc["stage_seconds"].items()),
     ]
     return "\n".join(lines) + "\n"

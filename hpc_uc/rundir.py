@@ -17,7 +17,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "cluster": ("clusters", "kmeans"),
     "train": ("batch_size", "epsilon", "norm", "target_offset", "generator"),
     "export": (),
-    "evaluate": ("victim", "defenses", "defense"),
+    "evaluate": ("victim", "defenses", "defense", "evaluate"),
 }
 STAGES = tuple(STAGE_KEYS)
 
@@ -49,6 +49,7 @@ class RunDir:
     protected_npz = property(lambda self: self.root / "protected.npz")
     results = property(lambda self: self.root / "results.json")
     report = property(lambda self: self.root / "report.md")
+    victims_png = property(lambda self: self.root / "victims.png")
     timings = property(lambda self: self.root / "timings.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     config = property(lambda self: self.root / "config.yaml")

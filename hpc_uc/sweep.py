@@ -18,8 +18,10 @@ from .errors import UserError
 from .rundir import RunDir, stage_key
 
 SHARED_FILES = ("surrogate.pt", "surrogate.json", "clusters.npz")
-COLUMNS = ("dataset", "batch_size", "world_size", "clean_acc", "protected_acc", "protection_gain",
-           "chance_acc", "psnr_db", "train_seconds")
+COLUMNS = ("dataset", "batch_size", "protocol", "world_size", "clean_acc", "protected_acc", "clean_auc",
+           "protected_auc", "recalibrated_acc", "protection_acc", "protection_auc",
+           "protection_recalibrated_acc", "protection", "chance_acc", "psnr_db", "train_seconds")
+FLOATS = COLUMNS[4:-2]
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -69,19 +71,28 @@ def run_sweep(config: str, overrides: list[str], batch_sizes: list[int]) -> Path
         comm.barrier()
         run_all(cfg, comm, point, stages=("train", "export", "evaluate"))
     if comm.is_root:
-        rows = [row_of(RunDir(cfg["run_dir"])) for cfg in points]
+        rows = [row for cfg in points for row in rows_of(RunDir(cfg["run_dir"]))]
         write_tables(root, rows)
         print((root / "sweep.md").read_text(), end="", flush=True)
     comm.barrier()
     return root
 
 
-def row_of(run: RunDir) -> dict:
+def rows_of(run: RunDir) -> list[dict]:
+    """One row per victim protocol of a finished point."""
     r = read_json(run.results)
-    return {"dataset": r["dataset"], "batch_size": r["batch_size"], "world_size": r["world_size"],
-            "clean_acc": r["clean"]["test_acc"], "protected_acc": r["protected"]["test_acc"],
-            "protection_gain": r["protection_gain"], "chance_acc": r["chance_acc"],
-            "psnr_db": r["psnr_db"], "train_seconds": r["stage_seconds"].get("train")}
+    rows = []
+    for protocol, victims in r["protocols"].items():
+        clean, protected, figs = victims["clean"], victims["protected"], r["protection"][protocol]
+        rows.append({"dataset": r["dataset"], "batch_size": r["batch_size"], "protocol": protocol,
+                     "world_size": r["world_size"], "clean_acc": clean["test_acc"],
+                     "protected_acc": protected["test_acc"], "clean_auc": clean["test_auc"],
+                     "protected_auc": protected["test_auc"], "recalibrated_acc": protected["recalibrated_acc"],
+                     "protection_acc": figs["acc"], "protection_auc": figs["auc"],
+                     "protection_recalibrated_acc": figs["recalibrated_acc"], "protection": figs["headline"],
+                     "chance_acc": r["chance_acc"], "psnr_db": r["psnr_db"],
+                     "train_seconds": r["stage_seconds"].get("train")})
+    return rows
 
 
 def write_tables(root: Path, rows: list[dict]) -> None:
@@ -112,8 +123,8 @@ def read_rows(directory: Path) -> list[dict]:
         rows = list(csv.DictReader(fh))
     for row in rows:
         row["batch_size"] = int(row["batch_size"])
-        for key in ("clean_acc", "protected_acc", "protection_gain"):
-            row[key] = float(row[key])
+        for key in FLOATS:
+            row[key] = float(row[key]) if row.get(key) not in (None, "", "None") else None
     return rows
 
 
@@ -135,15 +146,21 @@ def plot(by_dataset: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def value(v):
+        return float("nan") if v is None else v
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for name, rows in sorted(by_dataset.items()):
-        rows = sorted(rows, key=lambda r: r["batch_size"])
-        bs = [r["batch_size"] for r in rows]
-        line, = axes[0].plot(bs, [r["clean_acc"] for r in rows], "o--", label=f"{name} clean")
-        axes[0].plot(bs, [r["protected_acc"] for r in rows], "o-", color=line.get_color(),
-                     label=f"{name} protected")
-        axes[1].plot(bs, [r["protection_gain"] for r in rows], "o-", color=line.get_color(), label=name)
-    for ax, title in zip(axes, ("test accuracy", "protection gain (clean - protected)")):
+        for protocol in sorted({r["protocol"] for r in rows}):
+            mine = sorted((r for r in rows if r["protocol"] == protocol), key=lambda r: r["batch_size"])
+            bs = [r["batch_size"] for r in mine]
+            line, = axes[0].plot(bs, [value(r["protected_auc"]) for r in mine], "o-",
+                                 label=f"{name} {protocol} protected AUC")
+            axes[0].plot(bs, [value(r["protected_acc"]) for r in mine], "s--", color=line.get_color(),
+                         label=f"{name} {protocol} protected ACC")
+            axes[1].plot(bs, [value(r["protection"]) for r in mine], "o-", color=line.get_color(),
+                         label=f"{name} {protocol}")
+    for ax, title in zip(axes, ("protected victim on clean test", "headline protection (share of gap)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("global batch size")
         ax.set_title(title)

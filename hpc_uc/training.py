@@ -63,17 +63,28 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
                      weight_decay: float, batch_per_rank: int, task: str,
                      warmup_epochs: int = 0, milestones: tuple[float, ...] | None = None,
                      on_epoch: Callable[[int, float], None] | None = None,
-                     defense: Callable | None = None, seed: int = 0) -> None:
-    """Data-parallel supervised training with Adam (gradients averaged by the communicator).
+                     defense: Callable | None = None, seed: int = 0, optimizer: str = "adam",
+                     momentum: float = 0.9,
+                     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                     ) -> None:
+    """Data-parallel supervised training (gradients averaged by the communicator).
 
-    ``milestones`` (fractions of training) switch to step decay x0.1 instead of cosine.
-    ``defense(images, labels, task, model, generator) -> (images, loss_fn)`` transforms each
-    batch (hpc_uc.defenses); its randomness comes from (seed, rank).
+    ``optimizer``: ``adam`` (MedMNIST's protocol) or ``sgd`` (momentum ``momentum``, the UE
+    protocol's). ``milestones`` (fractions of training) switch to step decay x0.1 instead of
+    cosine. ``augment(images, generator)`` runs on every batch first, with a generator seeded
+    from (seed, rank, epoch) (hpc_uc.augment). ``defense(images, labels, task, model,
+    generator) -> (images, loss_fn)`` transforms each batch after it (hpc_uc.defenses); its
+    randomness comes from (seed, rank).
     """
+    from .augment import epoch_generator
+
     model.to(comm.device)
     comm.broadcast_model(model)
-    opt = comm.distributed_optimizer(
-        torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay), model)
+    if optimizer == "sgd":
+        base = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        base = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = comm.distributed_optimizer(base, model)
     steps_per_epoch = max(1, len(train_ds) // batch_per_rank)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(seed * 1000 + comm.rank)
@@ -82,7 +93,10 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         batches = train_ds.batches(batch_per_rank, epoch=epoch, shuffle=True, drop_last=True)
+        aug_gen = epoch_generator(seed, comm.rank, epoch)
         for images, labels, _ in progress(batches, comm, f"epoch {epoch + 1}/{epochs}", steps_per_epoch):
+            if augment is not None:
+                images = augment(images, aug_gen)
             if milestones is not None:
                 decay = sum(step >= m * total for m in milestones)
                 set_lr(opt, lr * 0.1 ** decay)

@@ -18,7 +18,7 @@ from hpc_uc.shards import verify
 
 TINY = ["profile=fast", "backend=mpi", "surrogate.epochs=1", "surrogate.stem=standard",
         "generator.epochs=2", "generator.base_filters=8", "generator.n_blocks=1",
-        "generator.train_on=cluster", "victim.epochs=1", "victim.stem=standard", "batch_size=64"]
+        "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1", "victim.stem=standard", "batch_size=64"]
 
 
 def tiny_config(data_dir, run_dir, *extra: str) -> dict:
@@ -75,9 +75,10 @@ def test_results_follow_schema_and_report_exists(finished_run):
     doc = json.loads(run.results.read_text())
     validate_results(doc)
     assert doc["world_size"] == 1 and doc["clusters"] == 10
-    assert 0 <= doc["protected"]["test_acc"] <= 1
+    assert set(doc["protocols"]) == {"medmnist", "ue"}
+    assert 0 <= doc["protocols"]["ue"]["protected"]["test_acc"] <= 1
     assert doc["linf"] <= 16 / 255 + 1e-6
-    assert "protection gain" in run.report.read_text()
+    assert "protection (medmnist victim)" in run.report.read_text() and (run.root / "victims.png").is_file()
 
 
 def test_rerun_skips_completed_stages(finished_run, capsys):

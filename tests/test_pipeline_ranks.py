@@ -17,7 +17,7 @@ from conftest import REPO, kill_group, mpirun, run_job, venv_bin
 from hpc_uc.comm import horovod_available
 
 TINY = ["profile=fast", "surrogate.epochs=1", "surrogate.stem=standard", "generator.base_filters=8",
-        "generator.n_blocks=1", "generator.train_on=cluster", "victim.epochs=1", "victim.stem=standard",
+        "generator.n_blocks=1", "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1", "victim.stem=standard",
         "batch_size=64"]
 CONFIG = str(REPO / "configs" / "digits.yaml")
 
@@ -59,7 +59,7 @@ def test_two_ranks_end_to_end(backend, clustered, digits_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["backend"] == backend
-    assert "protection gain" in proc.stdout
+    assert "protection (ue victim)" in proc.stdout
     assert subprocess.run([venv_bin("hpc-uc"), "verify", str(run / "protected")]).returncode == 0
 
 

@@ -1,0 +1,38 @@
+"""Protection figures: the share of the clean-vs-chance gap that the protection closes.
+
+For a metric m, share = (clean_m - protected_m) / (clean_m - chance_m), clipped to [0, 1]:
+0 = the protected victim is as good as the clean one, 1 = it is no better than chance.
+Chance is the test split's majority rate for the accuracies and 0.5 for AUC. The headline
+is the smallest share: a protection is only as deep as its weakest reading.
+"""
+from __future__ import annotations
+
+METRICS = ("acc", "auc", "recalibrated_acc")
+VICTIM_FIELD = {"acc": "test_acc", "auc": "test_auc", "recalibrated_acc": "recalibrated_acc"}
+AUC_CHANCE = 0.5
+SHALLOW_MARGIN = 0.25  # "shallow": accuracy share this much above the weakest other share
+
+
+def gap_closed(clean: float | None, protected: float | None, chance: float) -> float | None:
+    """(clean - protected) / (clean - chance) clipped to [0, 1]; None when undefined (a missing
+    figure, or a clean victim no better than chance)."""
+    if clean is None or protected is None or clean - chance <= 1e-12:
+        return None
+    return min(1.0, max(0.0, (clean - protected) / (clean - chance)))
+
+
+def protection_figures(clean: dict, protected: dict, chance_acc: float) -> dict[str, float | None]:
+    """{"acc", "auc", "recalibrated_acc", "headline"} for one victim protocol."""
+    chance = {"acc": chance_acc, "auc": AUC_CHANCE, "recalibrated_acc": chance_acc}
+    out = {m: gap_closed(clean.get(VICTIM_FIELD[m]), protected.get(VICTIM_FIELD[m]), chance[m])
+           for m in METRICS}
+    defined = [v for v in out.values() if v is not None]
+    out["headline"] = min(defined) if defined else None
+    return out
+
+
+def shallow(figures: dict) -> bool:
+    """Accuracy falls while AUC or the recalibrated accuracy mostly do not."""
+    acc, rest = figures.get("acc"), [figures.get(m) for m in ("auc", "recalibrated_acc")]
+    rest = [v for v in rest if v is not None]
+    return acc is not None and bool(rest) and acc - min(rest) >= SHALLOW_MARGIN

@@ -1,0 +1,49 @@
+"""Protection figures on hand-made numbers: the share of the clean-vs-chance gap closed."""
+from __future__ import annotations
+
+import pytest
+
+from hpc_uc.protection import gap_closed, protection_figures, shallow
+
+
+def victim(acc, auc, recal):
+    return {"test_acc": acc, "test_auc": auc, "recalibrated_acc": recal}
+
+
+def test_gap_closed_is_a_clipped_share():
+    assert gap_closed(0.9, 0.5, 0.1) == pytest.approx(0.5)
+    assert gap_closed(0.9, 0.05, 0.1) == 1.0     # below chance counts as chance, not more
+    assert gap_closed(0.9, 0.95, 0.1) == 0.0     # protected better than clean: no protection
+    assert gap_closed(0.1, 0.05, 0.1) is None    # a clean victim at chance defines no gap
+    assert gap_closed(None, 0.5, 0.1) is None
+
+
+def test_binary_victim_that_answers_one_class():
+    """The issue's binary set: ACC below the majority rate, AUC and the re-fit still high."""
+    figs = protection_figures(victim(0.862, 0.959, 0.85), victim(0.375, 0.780, 0.80), chance_acc=0.625)
+    assert figs["acc"] == 1.0
+    assert figs["auc"] == pytest.approx((0.959 - 0.780) / (0.959 - 0.5))
+    assert figs["recalibrated_acc"] == pytest.approx((0.85 - 0.80) / (0.85 - 0.625))
+    assert figs["headline"] == pytest.approx(figs["recalibrated_acc"])
+    assert shallow(figs)
+
+
+def test_multilabel_chance_is_the_mean_majority_rate():
+    figs = protection_figures(victim(0.95, 0.90, 0.93), victim(0.85, 0.55, 0.923), chance_acc=0.85)
+    assert figs["acc"] == 1.0 and figs["auc"] == pytest.approx(0.875)
+    assert figs["recalibrated_acc"] == pytest.approx(0.0875)
+    assert figs["headline"] == pytest.approx(0.0875)
+
+
+def test_ordinal_deep_protection_is_not_shallow():
+    figs = protection_figures(victim(0.52, 0.72, 0.45), victim(0.26, 0.52, 0.26), chance_acc=0.25)
+    assert figs["headline"] == pytest.approx(min(figs["acc"], figs["auc"], figs["recalibrated_acc"]))
+    assert figs["headline"] > 0.9 and not shallow(figs)
+
+
+def test_undefined_auc_and_missing_recalibration_leave_the_others():
+    figs = protection_figures(victim(0.9, None, None), victim(0.5, None, None), chance_acc=0.1)
+    assert figs["auc"] is None and figs["recalibrated_acc"] is None
+    assert figs["headline"] == pytest.approx(0.5)
+    none = protection_figures(victim(0.1, None, None), victim(0.1, None, None), chance_acc=0.1)
+    assert none["headline"] is None
