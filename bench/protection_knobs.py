@@ -1,15 +1,20 @@
-"""Which knob moves protection: rerun train -> export -> evaluate with overrides, one table.
+"""Which knob makes UC deep: variants x seeds, both victim protocols, the three protection figures.
 
-Each variant gets its own run directory seeded with the base run's surrogate and clusters
-(so only the stages the override touches run again), runs ``hpc-uc run`` under mpirun, and
-contributes one Markdown row from its results.json.
+For each seed, a base run directory gets the surrogate and the clusters once; each variant's
+run directory is seeded with them (and with the clean victims, which do not depend on the
+protection), then ``hpc-uc run`` under mpirun trains, exports and evaluates the variant.
+Finished variants are skipped. Writes ROOT/knobs.csv (one row per variant, seed, protocol)
+and prints ROOT/knobs.md (mean ± sd over seeds).
 
-    python bench/protection_knobs.py configs/digits.yaml --base runs/digits --np 2 \\
-        --variant "fast=profile=fast" --variant "eps32=profile=fast epsilon=0.12549"
+    python bench/protection_knobs.py configs/digits.yaml --root runs/knobs-digits --seeds 0,1,2 \\
+        --common "profile=fast" --variant "today=" \\
+        --variant "deep=generator.target=cross_class generator.augment=true refine.steps=5"
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import shlex
@@ -19,53 +24,119 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 SEED_FILES = ("surrogate.pt", "surrogate.json", "clusters.npz")
 VENV_BIN = Path(sys.executable).parent
+FIGURES = ("clean_acc", "clean_auc", "clean_recal", "acc", "auc", "recal", "share_acc", "share_auc",
+           "share_recal", "headline", "psnr_db", "ssim", "untrained_recal", "protect_s")
+
+
+def mpirun(ranks: int, *args: str) -> None:
+    cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", str(VENV_BIN / "hpc-uc"), *args]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def base_run(config: str, base: Path, common: list[str], ranks: int) -> None:
+    """Surrogate and clusters of one seed."""
+    stages = base / "stages.json"
+    if stages.is_file() and "cluster" in json.loads(stages.read_text()):
+        return
+    for stage in ("surrogate", "cluster"):
+        mpirun(ranks, stage, config, f"run_dir={base}", *common)
 
 
 def seed_run_dir(base: Path, target: Path) -> None:
-    """Copy the base run's surrogate and clusters, marking only those stages complete."""
+    """The base's surrogate, clusters (marked complete) and clean victims (reused if they match)."""
     target.mkdir(parents=True, exist_ok=True)
     for name in SEED_FILES:
         shutil.copy2(base / name, target / name)
+    if (base / "clean_victims.json").is_file():
+        shutil.copy2(base / "clean_victims.json", target / "clean_victims.json")
     done = json.loads((base / "stages.json").read_text())
     keep = {k: v for k, v in done.items() if k in ("surrogate", "cluster")}
     (target / "stages.json").write_text(json.dumps(keep))
 
 
-def run_variant(config: str, base: Path, root: Path, name: str, overrides: list[str], ranks: int) -> dict:
-    run_dir = root / name
+def run_variant(config: str, base: Path, run_dir: Path, overrides: list[str], ranks: int) -> dict:
     if not (run_dir / "results.json").is_file():
         seed_run_dir(base, run_dir)
-        cmd = ["mpirun", "-np", str(ranks), str(VENV_BIN / "hpc-uc"), "run", config,
-               f"run_dir={run_dir}", *overrides]
         began = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        print(f"{name}: {time.perf_counter() - began:.0f} s", file=sys.stderr)
+        mpirun(ranks, "run", config, f"run_dir={run_dir}", *overrides)
+        print(f"{run_dir}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+        if not (base / "clean_victims.json").is_file() and (run_dir / "clean_victims.json").is_file():
+            shutil.copy2(run_dir / "clean_victims.json", base / "clean_victims.json")
     return json.loads((run_dir / "results.json").read_text())
 
 
-def row(name: str, overrides: list[str], r: dict) -> str:
-    return (f"| {name} | `{' '.join(overrides)}` | {r['clean']['test_acc']:.3f} | {r['protected']['test_acc']:.3f} "
-            f"| {r['protection_gain']:.3f} | {r['chance_acc']:.3f} | {r['psnr_db']:.1f} "
-            f"| {r['stage_seconds'].get('train', 0):.0f} |")
+def rows_of(variant: str, seed: int, r: dict) -> list[dict]:
+    rows = []
+    for protocol, v in r["protocols"].items():
+        f = r["protection"][protocol]
+        rows.append({"variant": variant, "seed": seed, "protocol": protocol,
+                     "clean_acc": v["clean"]["test_acc"], "clean_auc": v["clean"]["test_auc"],
+                     "clean_recal": v["clean"]["recalibrated_acc"], "acc": v["protected"]["test_acc"],
+                     "auc": v["protected"]["test_auc"], "recal": v["protected"]["recalibrated_acc"],
+                     "share_acc": f["acc"], "share_auc": f["auc"], "share_recal": f["recalibrated_acc"],
+                     "headline": f["headline"], "psnr_db": r["psnr_db"], "ssim": r["ssim"],
+                     "untrained_recal": r["untrained"]["recalibrated_acc"], "chance": r["chance_acc"],
+                     "protect_s": r["stage_seconds"].get("train", 0) + r["stage_seconds"].get("export", 0)})
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean ± sd over seeds per (variant, protocol)."""
+    head = ("| variant | protocol | seeds | clean ACC / AUC / recal | protected ACC | protected AUC | "
+            "recal ACC | share ACC / AUC / recal | **headline** | PSNR dB / SSIM | untrained recal | "
+            "train+export s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def ms(values, digits=3):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "n/a"
+        return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.{digits}f}"
+
+    keys = sorted({(r["variant"], r["protocol"]) for r in rows}, key=lambda k: ([r["variant"] for r in rows].index(k[0]), k[1]))
+    for variant, protocol in keys:
+        mine = [r for r in rows if r["variant"] == variant and r["protocol"] == protocol]
+        col = {k: [r[k] for r in mine] for k in FIGURES}
+        lines.append(
+            f"| {variant} | {protocol} | {len(mine)} | {ms(col['clean_acc'], 2)} / {ms(col['clean_auc'], 2)} / "
+            f"{ms(col['clean_recal'], 2)} | {ms(col['acc'])} | {ms(col['auc'])} | {ms(col['recal'])} | "
+            f"{ms(col['share_acc'], 2)} / {ms(col['share_auc'], 2)} / {ms(col['share_recal'], 2)} | "
+            f"**{ms(col['headline'])}** | {ms(col['psnr_db'], 1)} / {ms(col['ssim'], 2)} | "
+            f"{ms(col['untrained_recal'])} | {ms(col['protect_s'], 0)} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--base", required=True, help="a completed run dir whose surrogate/clusters to reuse")
-    parser.add_argument("--root", default="runs/knobs")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--np", type=int, default=2)
+    parser.add_argument("--common", default="", help="overrides every run gets")
     parser.add_argument("--variant", action="append", required=True, help="NAME=override override ...")
     args = parser.parse_args()
-    print("| variant | overrides | clean ACC | protected ACC | gain | chance | PSNR dB | train s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for spec in args.variant:
-        name, _, rest = spec.partition("=")
-        overrides = shlex.split(rest)
-        result = run_variant(args.config, Path(args.base), Path(args.root), name, overrides, args.np)
-        print(row(name, overrides, result), flush=True)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    variants = [(spec.partition("=")[0], shlex.split(spec.partition("=")[2])) for spec in args.variant]
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        common = [*shlex.split(args.common), f"seed={seed}"]
+        base = root / f"seed{seed}" / "base"
+        base_run(args.config, base, common, args.np)
+        for name, overrides in variants:
+            result = run_variant(args.config, base, root / f"seed{seed}" / name, [*common, *overrides], args.np)
+            rows += rows_of(name, seed, result)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+            (root / "knobs.csv").write_text(buf.getvalue())
+            (root / "knobs.md").write_text(summary(rows))
+    print((root / "knobs.md").read_text(), end="")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,14 @@ DEFAULTS: dict[str, Any] = {
         "n_down": 2,
         "n_blocks": 6,
         "train_on": "all",        # all | cluster
+        "target": "next",         # next (k + target_offset) | farthest | cross_class
+        "augment": False,         # expectation over the ue victim's crop + flip in the loss
+        "boundary": "clip",       # clip | reflect: how x + delta stays in [0, 1]
         "bf16": False,            # autocast bf16 (GPU/CPUs with bf16 support)
+    },
+    "refine": {                   # per-sample refinement of the cluster delta at export
+        "steps": 0,               # projected signed-gradient steps of UC's loss per image (0: off)
+        "step_size": 0.25,        # per step, as a fraction of epsilon
     },
     "victim": {                   # MedMNIST v2's protocol by default
         "arch": "resnet18",
@@ -107,6 +114,9 @@ CHOICES = {
     "victim.select": ("auc", "acc"),
     "victim.input_norm": ("medmnist", "imagenet"),
     "generator.train_on": ("all", "cluster"),
+    "generator.target": ("next", "farthest", "cross_class"),
+    "generator.augment": (False, True),  # false | true
+    "generator.boundary": ("clip", "reflect"),
 }
 
 
@@ -180,8 +190,9 @@ def get(cfg: dict, dotted: str) -> Any:
 def validate(cfg: dict) -> None:
     """Checks that need no data: ranges, choices and types."""
     for key, allowed in CHOICES.items():
-        if get(cfg, key) not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}, not {get(cfg, key)!r}")
+        value = get(cfg, key)
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise UserError(f"{key} must be one of {', '.join(map(str, allowed))}, not {value!r}")
     eps = cfg["epsilon"]
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= 1:
         raise UserError(f"epsilon must be in (0, 1] (images are in [0, 1]), not {eps!r}")
@@ -197,11 +208,11 @@ def validate(cfg: dict) -> None:
             or not set(protocols) <= set(PROTOCOLS)):
         raise UserError(f"evaluate.protocols must be a non-empty list of distinct names from "
                         f"{', '.join(PROTOCOLS)}, not {protocols!r}")
-    for key in ("victim.ue.epochs", "victim.ue.crop_padding", "evaluate.recalibrate_samples"):
+    for key in ("victim.ue.epochs", "victim.ue.crop_padding", "evaluate.recalibrate_samples", "refine.steps"):
         value = get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f"{key} must be a non-negative integer, not {value!r}")
-    for key in ("victim.ue.lr", "victim.ue.momentum", "victim.ue.weight_decay"):
+    for key in ("victim.ue.lr", "victim.ue.momentum", "victim.ue.weight_decay", "refine.step_size"):
         value = get(cfg, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise UserError(f"{key} must be a non-negative number, not {value!r}")

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -171,6 +174,31 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def clean_victim_key(cfg: dict, comm: Comm) -> str:
+    """What a clean victim's figures depend on: the data, the seed, the victim and evaluation
+    settings and the number of ranks (the data order)."""
+    manifest = (Path(cfg["data_dir"]) / "manifest.json").read_bytes()
+    values = {"manifest": hashlib.sha256(manifest).hexdigest(), "seed": cfg["seed"], "victim": cfg["victim"],
+              "evaluate": cfg["evaluate"], "cache": cfg["cache"], "world_size": comm.size,
+              "results_version": RESULTS_VERSION}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def known_clean_victims(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    """Clean victims already measured for this key (RUN_DIR/clean_victims.json), by protocol.
+    The clean victim does not depend on the protection, so sweeps and knob studies that
+    seed a run directory with this file train it once."""
+    if not run.clean_victims.is_file():
+        return {}
+    try:
+        doc = read_json(run.clean_victims)
+    except (OSError, ValueError):  # a damaged cache is only a cache: measure again
+        return {}
+    if not isinstance(doc, dict) or doc.get("key") != clean_victim_key(cfg, comm):
+        return {}
+    return doc.get("protocols", {}) if isinstance(doc.get("protocols"), dict) else {}
+
+
 def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """Clean and protected victims (plus defenses) under each protocol; rank 0 writes
     results.json and victims.png."""
@@ -179,12 +207,25 @@ def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
     log = MetricsLog(run.metrics, comm, "evaluate")
     splits = Splits(cfg, comm)
     protocols = {}
+    known = comm.broadcast(known_clean_victims(cfg, comm, run) if comm.is_root else None)
     for protocol in cfg["evaluate"]["protocols"]:
-        victims = {"clean": train_and_test(cfg, comm, cfg["data_dir"], "clean", protocol, splits, log),
+        if protocol in known:
+            clean = known[protocol] if comm.is_root else {}
+            if comm.is_root:
+                print(f"evaluate[{protocol}/clean]: reused from {run.clean_victims.name} (same data, seed, "
+                      f"victim settings and ranks)", flush=True)
+        else:
+            clean = train_and_test(cfg, comm, cfg["data_dir"], "clean", protocol, splits, log)
+            if comm.is_root:
+                known[protocol] = copy.deepcopy(clean)
+                write_json(run.clean_victims, {"key": clean_victim_key(cfg, comm), "protocols": known})
+        victims = {"clean": clean,
                    "protected": train_and_test(cfg, comm, run.protected, "protected", protocol, splits, log)}
         victims["defenses"] = {name: train_and_test(cfg, comm, run.protected, name, protocol, splits, log,
                                                     defense_name=name) for name in cfg["defenses"]}
         protocols[protocol] = victims
+    torch.manual_seed(cfg["seed"])  # the floor of the re-fit: features of a network that learned nothing
+    untrained = measure(cfg, build_victim(cfg, splits.test.manifest).to(comm.device), splits, comm)
     results = None
     if comm.is_root:
         from .victim_curves import plot_victims
@@ -194,13 +235,13 @@ def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
         for victims in protocols.values():
             for d in victims["defenses"].values():
                 d.pop("history")
-        results = build_results(cfg, comm, run, protocols)
+        results = build_results(cfg, comm, run, protocols, untrained)
         write_json(run.results, results)
     comm.barrier()
     return results or {}
 
 
-def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict) -> dict:
+def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict, untrained: dict) -> dict:
     """The results.json document (docs/results.md describes every field)."""
     source = read_json(f"{cfg['data_dir']}/manifest.json")
     _, test_labels, _ = read_whole_split(cfg["data_dir"], "test")
@@ -233,6 +274,7 @@ def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict) -> dict:
         "recalibrate_samples": cfg["evaluate"]["recalibrate_samples"],
         "protocols": protocols,
         "protection": protection,
+        "untrained": {k: untrained[k] for k in ("test_acc", "test_auc", "recalibrated_acc", "recalibrated_auc")},
         "psnr_db": quality["psnr_db"],
         "ssim": quality["ssim"],
         "linf": quality["linf"],

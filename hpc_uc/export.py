@@ -14,20 +14,26 @@ import numpy as np
 from .atomic import atomic_path
 from .comm import Comm
 from .config import config_hash
-from .generator import cluster_of_index, load_perturbations
+from .generator import cluster_of_index, load_perturbations, load_targets
 from .reader import ShardedDataset
 from .rundir import RunDir
 from .shards import ShardSetWriter
 
 
-def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str) -> np.ndarray:
+def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
+            boundary: str = "clip") -> np.ndarray:
     """uint8 N×H×W×C images plus float N×H×W×C perturbations -> protected uint8 images.
 
-    For ``linf`` the quantised difference is clipped to floor(255·epsilon) grey levels, so
+    ``boundary``: how x + delta is kept in [0, 1] (hpc_uc.generator.add_perturbation). For
+    ``linf`` the quantised difference is clipped to floor(255·epsilon) grey levels, so
     |protected - clean| <= epsilon holds exactly after rounding.
     """
     clean = images.astype(np.float32) / 255.0
-    out = np.rint(np.clip(clean + delta, 0.0, 1.0) * 255.0)
+    y = clean + delta
+    if boundary == "reflect":
+        y = np.where(y < 0, -y, y)
+        y = np.where(y > 1, 2 - y, y)
+    out = np.rint(np.clip(y, 0.0, 1.0) * 255.0)
     if norm == "linf":
         levels = math.floor(255.0 * epsilon + 1e-6)
         base = images.astype(np.float32)
@@ -46,7 +52,10 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     images, labels, index = data.local_arrays()
     delta = load_perturbations(run.perturbations).transpose(0, 2, 3, 1)  # K×H×W×C
     clusters = cluster_of_index(run.clusters)[index]
-    protected = protect(images, delta[clusters], cfg["epsilon"], cfg["norm"])
+    per_sample = delta[clusters]
+    if cfg["refine"]["steps"] > 0:
+        per_sample = refined(cfg, run, data.manifest, comm, images, per_sample, clusters)
+    protected = protect(images, per_sample, cfg["epsilon"], cfg["norm"], cfg["generator"]["boundary"])
     source = data.manifest
     manifest = {**source, "dataset": f"{source['dataset']}-protected",
                 "source": {"file": str(cfg["data_dir"]), "md5": None},
@@ -71,11 +80,35 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     return {"train_images": int(data.num_samples)}
 
 
+def refined(cfg: dict, run: RunDir, manifest: dict, comm: Comm, images: np.ndarray,
+            delta: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """Per-sample refinement of this rank's perturbations (hpc_uc.refine)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .refine import refine
+    from .surrogate import load_frozen_surrogate
+
+    surrogate = load_frozen_surrogate(cfg, run, manifest, comm.device)
+    with np.load(run.clusters) as data:
+        centroids = torch.from_numpy(data["centroids"]).float()
+    targets = torch.from_numpy(load_targets(run.perturbations))
+    probs = F.softmax(centroids[targets], dim=1).to(comm.device)
+    r = cfg["refine"]
+    out = refine(surrogate, images, delta, probs, clusters, cfg["epsilon"], cfg["norm"], r["steps"],
+                 r["step_size"], comm.device, boundary=cfg["generator"]["boundary"])
+    if comm.is_root:
+        print(f"export: refined each image's perturbation with {r['steps']} steps", flush=True)
+    return out
+
+
 def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """What the manifest says about how the data was protected."""
     surrogate = cfg["surrogate"]
     return {"method": "unlearnable-clusters", "epsilon": cfg["epsilon"], "norm": cfg["norm"],
-            "clusters": cfg["clusters"], "seed": cfg["seed"],
+            "clusters": cfg["clusters"], "seed": cfg["seed"], "target": cfg["generator"]["target"],
+            "augment": cfg["generator"]["augment"],
+            "boundary": cfg["generator"]["boundary"], "refine_steps": cfg["refine"]["steps"],
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

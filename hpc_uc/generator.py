@@ -10,7 +10,9 @@ Batches are data-parallel over ranks; the generators themselves are split over r
 """
 from __future__ import annotations
 
+import functools
 import time
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_path, load_torch, save_torch
+from .augment import crop_flip, epoch_generator
 from .comm import Comm
 from .config import check_world, scaled_lr
 from .errors import UserError
@@ -38,19 +41,70 @@ def cluster_of_index(path) -> np.ndarray:
     return table
 
 
+TARGETS = ("next", "farthest", "cross_class")
+
+
+def choose_targets(centroids: torch.Tensor, mode: str, offset: int = 1,
+                   majority: np.ndarray | None = None) -> np.ndarray:
+    """Target cluster t(k) of each generator k.
+
+    ``next``: (k + offset) mod K (the reference). ``farthest``: the centroid farthest from k.
+    ``cross_class``: the farthest centroid among clusters whose majority class differs from
+    k's (``majority``), so that with class-pure clusters every target crosses classes; a
+    cluster with no such other cluster falls back to ``farthest``.
+    """
+    k = len(centroids)
+    if mode == "next":
+        return ((np.arange(k) + offset) % k).astype(np.int64)
+    dist = torch.cdist(centroids.double(), centroids.double()).numpy()
+    np.fill_diagonal(dist, -np.inf)
+    if mode == "cross_class" and majority is not None:
+        other = majority[None, :] != majority[:, None]
+        rows = other.any(1)
+        dist[rows] = np.where(other[rows], dist[rows], -np.inf)
+    return dist.argmax(1).astype(np.int64)
+
+
+def cluster_majority(data: ShardedDataset, cluster_of: np.ndarray, k: int, comm: Comm) -> np.ndarray | None:
+    """Majority class of each cluster over the whole training split (None for multi-label)."""
+    if data.task.startswith("multi-label"):
+        return None
+    counts = torch.zeros(k, data.num_classes, dtype=torch.float64)
+    for _, labels, idx in data.batches(4096, epoch=0, shuffle=False, drop_last=False):
+        c = torch.from_numpy(cluster_of[idx.cpu().numpy()])
+        counts.index_put_((c, labels.view(-1).cpu()), torch.ones(len(c), dtype=torch.float64), accumulate=True)
+    return comm.allreduce(counts, op="sum").argmax(1).numpy()
+
+
 class ClusterTargets:
     """Centroids, each training sample's cluster, and each generator's target distribution."""
 
-    def __init__(self, path, offset: int, device: torch.device) -> None:
+    def __init__(self, path, offset: int, device: torch.device, mode: str = "next",
+                 majority_of: "Callable[[np.ndarray, int], np.ndarray | None] | None" = None) -> None:
         with np.load(path) as data:
             centroids = torch.from_numpy(data["centroids"]).float()
         self.k = len(centroids)
         self.cluster_of = cluster_of_index(path)
-        targets = (torch.arange(self.k) + offset) % self.k
-        self.target_probs = F.softmax(centroids[targets], dim=1).to(device)  # row k: generator k
+        majority = majority_of(self.cluster_of, self.k) if (mode == "cross_class" and majority_of) else None
+        self.targets = choose_targets(centroids, mode, offset, majority)
+        self.target_probs = F.softmax(centroids[torch.from_numpy(self.targets)], dim=1).to(device)  # row k: generator k
 
     def clusters(self, index: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.cluster_of[index.cpu().numpy()]).to(index.device)
+
+
+BOUNDARIES = ("clip", "reflect")
+
+
+def add_perturbation(x: torch.Tensor, delta: torch.Tensor, boundary: str = "clip") -> torch.Tensor:
+    """x + delta kept in [0, 1]. ``clip`` (the reference) cuts what leaves the range, so a
+    negative delta vanishes on black pixels; ``reflect`` folds it back (-y below 0, 2 - y
+    above 1), which keeps |result - x| <= |delta| and leaves a signal on dark backgrounds."""
+    y = x + delta
+    if boundary == "reflect":
+        y = torch.where(y < 0, -y, y)
+        y = torch.where(y > 1, 2 - y, y)
+    return y.clamp(0, 1)
 
 
 def kl_to_target(features: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -137,16 +191,24 @@ class GeneratorBank:
 
 
 def generator_loss(surrogate: nn.Module, x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor,
-                   targets: ClusterTargets, train_on: str) -> torch.Tensor:
-    """Mean KL over the local batch (summed over generators for train_on=all)."""
+                   targets: ClusterTargets, train_on: str,
+                   augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   boundary: str = "clip") -> torch.Tensor:
+    """Mean KL over the local batch (summed over generators for train_on=all).
+
+    ``augment`` (the victim's crop + flip, ``generator.augment``) transforms the perturbed
+    images before the surrogate: the loss is then an expectation over the augmentations a
+    victim will apply, so that delta survives them.
+    """
+    augment = augment or (lambda images: images)
     if train_on == "all":
         k, b = delta.shape[0], x.shape[0]
-        xp = (x.unsqueeze(0) + delta.unsqueeze(1)).clamp(0, 1).flatten(0, 1)
+        xp = augment(add_perturbation(x.unsqueeze(0), delta.unsqueeze(1), boundary).flatten(0, 1))
         _, feats = surrogate(xp)
         target = targets.target_probs.repeat_interleave(b, dim=0)
         return kl_to_target(feats, target).view(k, b).mean(1).sum()
     c = targets.clusters(idx)
-    _, feats = surrogate((x + delta[c]).clamp(0, 1))
+    _, feats = surrogate(augment(add_perturbation(x, delta[c], boundary)))
     return kl_to_target(feats, targets.target_probs[c]).mean()
 
 
@@ -162,7 +224,11 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
         raise UserError(f"batch_size={cfg['batch_size']} needs {per_rank} samples per rank; "
                         f"each rank holds {len(data)}")
     surrogate = load_frozen_surrogate(cfg, run, data.manifest, comm.device)
-    targets = ClusterTargets(run.clusters, cfg["target_offset"], comm.device)
+    targets = ClusterTargets(run.clusters, cfg["target_offset"], comm.device, g["target"],
+                             lambda cluster_of, k: cluster_majority(data, cluster_of, k, comm))
+    if comm.is_root:
+        print(f"train: generator targets ({g['target']}): "
+              + ", ".join(f"{k}->{t}" for k, t in enumerate(targets.targets)), flush=True)
     lr = scaled_lr(cfg, g["lr"], cfg["batch_size"])
     bank = GeneratorBank(cfg, targets.k, data.channels, data.image_size, comm, lr)
     key, start = stage_key(cfg, "train"), 0
@@ -185,11 +251,13 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
         bank.gens.train()
         began, loss_sum = time.perf_counter(), torch.zeros(2, dtype=torch.float64)
         batches = data.batches(per_rank, epoch=epoch, shuffle=True, drop_last=True)
+        aug_gen = epoch_generator(cfg["seed"] + 7919, comm.rank, epoch)
+        augment = functools.partial(crop_flip, gen=aug_gen) if g["augment"] else None
         for i, (x, _, idx) in enumerate(progress(batches, comm, f"generators {epoch + 1}/{g['epochs']}", steps)):
             step_lr = lr_at(epoch * steps + i, total, warmup, lr, g["min_lr"])
             own, delta = bank.forward()
             with torch.autocast(comm.device.type, dtype=torch.bfloat16, enabled=g["bf16"]):
-                loss = generator_loss(surrogate, x, idx, delta, targets, g["train_on"])
+                loss = generator_loss(surrogate, x, idx, delta, targets, g["train_on"], augment, g["boundary"])
             loss.backward()
             bank.step(own, delta, step_lr)
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
@@ -207,17 +275,20 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
     if not epochs:  # no epoch ran here (generator.epochs=0, or resumed after the last); a
         state = bank.state()  # collective, so the condition must agree on every rank
     if comm.is_root:
-        save_perturbations(run.perturbations, final, cfg)
+        save_perturbations(run.perturbations, final, cfg, targets.targets)
         save_torch(run.generators, state["generators"])
     comm.barrier()
     return {"clusters": targets.k, "epochs": g["epochs"]}
 
 
-def save_perturbations(path, delta: torch.Tensor, cfg: dict) -> None:
-    """The secret: delta per cluster (anyone holding it can undo the protection), mode 0600."""
+def save_perturbations(path, delta: torch.Tensor, cfg: dict, targets: np.ndarray | None = None) -> None:
+    """The secret: delta per cluster (anyone holding it can undo the protection), mode 0600,
+    with each generator's target cluster."""
     with atomic_path(path, mode=0o600) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("delta", data=delta.numpy().astype(np.float32), track_times=False)
+            if targets is not None:
+                f.create_dataset("target", data=np.asarray(targets, np.int64), track_times=False)
             f.attrs.update({"epsilon": cfg["epsilon"], "norm": cfg["norm"], "seed": cfg["seed"],
                             "layout": "K x C x H x W, in image units [0, 1]"})
 
@@ -225,3 +296,11 @@ def save_perturbations(path, delta: torch.Tensor, cfg: dict) -> None:
 def load_perturbations(path) -> np.ndarray:
     with h5py.File(path, "r") as f:
         return f["delta"][()]
+
+
+def load_targets(path) -> np.ndarray:
+    """Each generator's target cluster, as training used it."""
+    with h5py.File(path, "r") as f:
+        if "target" not in f:
+            raise UserError(f"{path} has no generator targets (written by an older hpc-uc): rerun `hpc-uc train`")
+        return f["target"][()]

@@ -15,6 +15,7 @@ SCHEMA: dict[str, tuple] = {
     "backend": (str,), "batch_size": (int,), "epsilon": _NUM, "norm": (str,), "clusters": (int,),
     "seed": (int,), "profile": (str,), "generator": (dict,), "surrogate_val_acc": _OPT,
     "chance_acc": _NUM, "recalibrate_samples": (int,), "protocols": (dict,), "protection": (dict,),
+    "untrained": (dict,),
     "psnr_db": _OPT, "ssim": _NUM, "linf": _NUM, "l2": _NUM, "stage_seconds": (dict,),
 }
 VICTIM_SCHEMA = {"test_acc": _NUM, "test_auc": _OPT, "recalibrated_acc": _OPT, "recalibrated_auc": _OPT,
@@ -111,6 +112,9 @@ def render(doc: dict) -> str:
     lines += [
         "",
         f"- chance: majority rate of the test split {_fmt(doc['chance_acc'])} (ACC), 0.5 (AUC)",
+        f"- floor of the re-fit: an untrained victim's features give recalibrated ACC "
+        f"{_fmt(doc['untrained']['recalibrated_acc'])} (AUC {_fmt(doc['untrained']['recalibrated_auc'])}); "
+        f"no protection can push the re-fit much below that",
         f"- imperceptibility: PSNR {_fmt(doc['psnr_db'], 2)} dB, SSIM {_fmt(doc['ssim'])}, "
         f"L-inf {_fmt(doc['linf'], 4)}, mean L2 {_fmt(doc['l2'])}",
         "- validation curves of the victims: [victims.png](victims.png)",

@@ -16,7 +16,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                   "warmup_epochs"),
     "cluster": ("clusters", "kmeans"),
     "train": ("batch_size", "epsilon", "norm", "target_offset", "generator"),
-    "export": (),
+    "export": ("refine",),
     "evaluate": ("victim", "defenses", "defense", "evaluate"),
 }
 STAGES = tuple(STAGE_KEYS)
@@ -50,6 +50,7 @@ class RunDir:
     results = property(lambda self: self.root / "results.json")
     report = property(lambda self: self.root / "report.md")
     victims_png = property(lambda self: self.root / "victims.png")
+    clean_victims = property(lambda self: self.root / "clean_victims.json")
     timings = property(lambda self: self.root / "timings.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     config = property(lambda self: self.root / "config.yaml")

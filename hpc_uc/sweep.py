@@ -44,6 +44,8 @@ def seed_point(shared: RunDir, point: RunDir, cfg: dict) -> None:
     for name in SHARED_FILES:
         if not (point.root / name).is_file():
             shutil.copyfile(shared.root / name, point.root / name)
+    if shared.clean_victims.is_file() and not point.clean_victims.is_file():
+        shutil.copyfile(shared.clean_victims, point.clean_victims)  # reused only if its key matches
     done = point.completed()
     for stage in ("surrogate", "cluster"):
         done[stage] = stage_key(cfg, stage)
@@ -70,6 +72,8 @@ def run_sweep(config: str, overrides: list[str], batch_sizes: list[int]) -> Path
             point.save_config(cfg)
         comm.barrier()
         run_all(cfg, comm, point, stages=("train", "export", "evaluate"))
+        if comm.is_root and point.clean_victims.is_file() and not shared.clean_victims.is_file():
+            shutil.copyfile(point.clean_victims, shared.clean_victims)  # the next points reuse them
     if comm.is_root:
         rows = [row for cfg in points for row in rows_of(RunDir(cfg["run_dir"]))]
         write_tables(root, rows)

@@ -1,0 +1,114 @@
+"""UC's depth knobs: generator targets, the augmentation-robust loss, per-sample refinement."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hpc_uc.augment import crop_flip, epoch_generator
+from hpc_uc.config import load_config
+from hpc_uc.errors import UserError
+from hpc_uc.export import protect
+from hpc_uc.generator import add_perturbation, choose_targets, kl_to_target
+from hpc_uc.models import ResNetWithFeature
+from hpc_uc.refine import refine
+
+# three clusters on a line: 0 and 1 close together (class 0), 2 far away (class 1)
+CENTROIDS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
+
+
+def test_next_target_is_the_reference_offset():
+    assert choose_targets(CENTROIDS, "next", offset=1).tolist() == [1, 2, 0]
+
+
+def test_farthest_target():
+    assert choose_targets(CENTROIDS, "farthest").tolist() == [2, 2, 0]
+
+
+def test_cross_class_target_always_crosses_classes():
+    majority = np.array([0, 0, 1])
+    assert choose_targets(CENTROIDS, "cross_class", majority=majority).tolist() == [2, 2, 0]
+    # the reference offset would push cluster 0 toward cluster 1 of the same class
+    assert majority[choose_targets(CENTROIDS, "next")[0]] == majority[0]
+    far_same = torch.tensor([[0.0, 0.0], [9.0, 0.0], [2.0, 0.0]])  # farthest from 0 is same-class 1
+    assert choose_targets(far_same, "cross_class", majority=majority).tolist() == [2, 2, 1]
+    one_class = choose_targets(CENTROIDS, "cross_class", majority=np.array([0, 0, 0]))
+    assert one_class.tolist() == choose_targets(CENTROIDS, "farthest").tolist()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("generator.target=nearest", "generator.target must be one of"),
+    ("generator.augment=maybe", "generator.augment must be one of"),
+    ("generator.boundary=wrap", "generator.boundary must be one of"),
+    ("refine.steps=-1", "refine.steps must be a non-negative integer"),
+    ("refine.step_size=abc", "refine.step_size must be a non-negative number"),
+])
+def test_bad_knob_values_are_refused(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+@pytest.fixture(scope="module")
+def surrogate():
+    torch.manual_seed(0)
+    return ResNetWithFeature("resnet18", 3, 1, small_stem=False).eval().requires_grad_(False)
+
+
+def test_refinement_stays_in_budget_lowers_the_loss_and_ignores_batching(surrogate):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8)
+    images[:3] = 0  # dark images: delta may only be positive there
+    eps = 16 / 255
+    start = np.repeat(rng.uniform(-eps, eps, (1, 28, 28, 1)).astype(np.float32), 12, 0)
+    target = F.softmax(torch.randn(3, 512, generator=torch.Generator().manual_seed(1)), 1)
+    clusters = np.arange(12) % 3
+
+    def loss(delta):
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        d = torch.from_numpy(delta).permute(0, 3, 1, 2)
+        return kl_to_target(surrogate((x + d).clamp(0, 1))[1], target[torch.from_numpy(clusters)]).mean()
+
+    out = refine(surrogate, images, start, target, clusters, eps, "linf", 5, 0.25, torch.device("cpu"))
+    assert np.abs(out).max() <= eps + 1e-6
+    assert loss(out) < loss(start) - 1e-3
+    halves = refine(surrogate, images, start, target, clusters, eps, "linf", 5, 0.25, torch.device("cpu"), batch=5)
+    assert np.allclose(out, halves, atol=1e-6)
+    l2 = refine(surrogate, images, start * 0.01, target, clusters, 1.0, "l2", 3, 0.5, torch.device("cpu"))
+    assert np.linalg.norm(l2.reshape(12, -1), axis=1).max() <= 1.0 + 1e-5
+
+
+def test_augmented_loss_is_seeded_and_differentiable(surrogate):
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    delta = torch.zeros(1, 1, 28, 28, requires_grad=True)
+    target = F.softmax(torch.randn(1, 512), 1).expand(4, -1)
+
+    def loss(epoch):
+        augment = functools.partial(crop_flip, gen=epoch_generator(0, 0, epoch))
+        return kl_to_target(surrogate(augment((x + delta).clamp(0, 1)))[1], target).mean()
+
+    first = loss(0)
+    first.backward()
+    assert delta.grad.abs().sum() > 0
+    assert torch.equal(first.detach(), loss(0).detach()) and not torch.equal(first.detach(), loss(1).detach())
+
+
+def test_reflect_keeps_the_signal_on_black_pixels_within_budget():
+    x = torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0, 0.02])
+    d = torch.tensor([-0.05, 0.05, -0.05, 0.05, -0.05, -0.06])
+    clipped = add_perturbation(x, d, "clip")
+    reflected = add_perturbation(x, d, "reflect")
+    assert clipped[0] == 0 and reflected[0] == pytest.approx(0.05)  # clip deletes it, reflect keeps |d|
+    assert reflected[3] == pytest.approx(0.95) and reflected[5] == pytest.approx(0.04)
+    assert ((reflected - x).abs() <= d.abs() + 1e-7).all() and (reflected >= 0).all() and (reflected <= 1).all()
+    rng = np.random.default_rng(0)
+    images = rng.choice(np.array([0, 1, 128, 254, 255], np.uint8), (20, 6, 6, 1))
+    delta = rng.uniform(-16 / 255, 16 / 255, images.shape).astype(np.float32)
+    for boundary in ("clip", "reflect"):
+        out = protect(images, delta, 16 / 255, "linf", boundary)
+        assert np.abs(out.astype(int) - images.astype(int)).max() <= 16
+    black = images == 0
+    assert (protect(images, delta, 16 / 255, "linf", "reflect")[black] > 0).mean() > 0.9
+    assert (protect(images, delta, 16 / 255, "linf", "clip")[black] > 0).mean() < 0.6
