@@ -34,7 +34,10 @@ FIGURES = ("clean_acc", "clean_auc", "clean_recal", "acc", "auc", "recal", "shar
 
 def mpirun(ranks: int, *args: str) -> None:
     cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", str(VENV_BIN / "hpc-uc"), *args]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
+           **os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def base_run(config: str, base: Path, common: list[str], ranks: int) -> None:

@@ -97,3 +97,29 @@ def test_quantisation_bound_is_exact():
     delta = rng.uniform(-1, 1, (50, 8, 8, 1)).astype(np.float32) * (16 / 255)
     out = protect(images, delta, 16 / 255, "linf")
     assert np.abs(out.astype(int) - images.astype(int)).max() <= 16
+
+
+def test_clean_victims_are_reused_only_for_the_same_key(finished_run, tmp_path, capsys):
+    """The clean victim does not depend on the protection: a run that changes only the
+    protection reuses it; one that changes a victim setting trains it again."""
+    import shutil
+
+    cfg, run = finished_run
+    before = json.loads(run.results.read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(run.root, copy)
+    capsys.readouterr()
+    other = tiny_config(cfg["data_dir"], copy, "generator.boundary=reflect")
+    comm, moved = start(other)
+    run_all(other, comm, moved)
+    out = capsys.readouterr().out
+    assert out.count("reused from clean_victims.json") == 2
+    after = json.loads(moved.results.read_text())
+    for protocol in ("medmnist", "ue"):
+        assert after["protocols"][protocol]["clean"] == before["protocols"][protocol]["clean"]
+    changed = tiny_config(cfg["data_dir"], copy, "generator.boundary=reflect", "victim.ue.epochs=2")
+    comm, moved = start(changed)
+    run_all(changed, comm, moved)
+    out = capsys.readouterr().out
+    assert out.count("reused from clean_victims.json") == 0
+    assert json.loads(moved.results.read_text())["protocols"]["ue"]["clean"]["epochs"] == 2
