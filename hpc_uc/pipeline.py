@@ -58,6 +58,10 @@ def start(cfg: dict):
     comm = get_comm(cfg["backend"])
     check_ranks(cfg, comm.size)
     check_weights_file(cfg, manifest)
+    from .defenses import build_defense
+
+    for name in cfg["defenses"]:  # a misspelled defense fails now, not after the victims trained
+        build_defense(name, cfg["defense"])
     run = RunDir(cfg["run_dir"])
     if comm.is_root:
         run.root.mkdir(parents=True, exist_ok=True)

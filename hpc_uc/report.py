@@ -101,6 +101,12 @@ def render(doc: dict) -> str:
     ]
     lines += [f"| {p} | {_fmt(f['acc'])} | {_fmt(f['auc'])} | {_fmt(f['recalibrated_acc'])} | "
               f"**{_fmt(f['headline'])}** |" for p, f in doc["protection"].items()]
+    defended = [(p, n, d["protection"]) for p, v in doc["protocols"].items() for n, d in v["defenses"].items()]
+    if defended:
+        lines += ["", "Protection left when the attacker trains with a defense:", "",
+                  "| protocol | defense | ACC | AUC | recalibrated ACC | headline |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p} | {n} | {_fmt(f['acc'])} | {_fmt(f['auc'])} | {_fmt(f['recalibrated_acc'])} | "
+                  f"**{_fmt(f['headline'])}** |" for p, n, f in defended]
     lines += ["", f"| protocol | victim trained on | test ACC | test AUC | recalibrated ACC "
                   f"({doc['recalibrate_samples']} clean images) | reported epoch |",
               "|---|---|---|---|---|---|"]

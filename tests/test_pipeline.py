@@ -123,3 +123,12 @@ def test_clean_victims_are_reused_only_for_the_same_key(finished_run, tmp_path, 
     out = capsys.readouterr().out
     assert out.count("reused from clean_victims.json") == 0
     assert json.loads(moved.results.read_text())["protocols"]["ue"]["clean"]["epochs"] == 2
+
+
+def test_misspelled_defense_is_refused_before_any_work(digits_dir, tmp_path):
+    from hpc_uc.errors import UserError
+
+    cfg = tiny_config(digits_dir, tmp_path / "run", "defenses=[jpg10]")
+    with pytest.raises(UserError, match="unknown defense 'jpg10'"):
+        start(cfg)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,60 @@
+"""results.json version 2: schema validation and the report's protection headline."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from hpc_uc.errors import UserError
+from hpc_uc.report import render, validate_results
+
+
+def victim(acc, auc, recal, epoch=10):
+    return {"test_acc": acc, "test_auc": auc, "recalibrated_acc": recal, "recalibrated_auc": None,
+            "best_epoch": epoch, "reported_epoch": epoch, "epochs": 10, "seconds": 1.5}
+
+
+def figures(acc, auc, recal):
+    return {"acc": acc, "auc": auc, "recalibrated_acc": recal, "headline": min(acc, auc, recal)}
+
+
+DOC = {
+    "results_version": 2, "dataset": "breastmnist", "task": "binary-class", "world_size": 2,
+    "backend": "horovod", "batch_size": 64, "epsilon": 16 / 255, "norm": "linf", "clusters": 3,
+    "seed": 0, "profile": "fast", "generator": {"epochs": 3}, "surrogate_val_acc": 0.9,
+    "chance_acc": 0.731, "recalibrate_samples": 100,
+    "protocols": {
+        "medmnist": {"clean": victim(0.86, 0.90, 0.84), "protected": victim(0.60, 0.80, 0.80),
+                     "defenses": {"jpeg10": {**victim(0.80, 0.88, 0.83), "protection": figures(0.46, 0.05, 0.09)}}},
+        "ue": {"clean": victim(0.85, 0.90, 0.83), "protected": victim(0.73, 0.52, 0.73), "defenses": {}},
+    },
+    "protection": {"medmnist": figures(1.0, 0.25, 0.36), "ue": figures(1.0, 0.95, 1.0)},
+    "untrained": {"test_acc": 0.3, "test_auc": 0.5, "recalibrated_acc": 0.72, "recalibrated_auc": 0.7},
+    "psnr_db": 30.1, "ssim": 0.8, "linf": 0.0627, "l2": 1.2, "stage_seconds": {"train": 3.0},
+}
+
+
+def test_a_complete_document_validates_and_leads_with_the_headlines():
+    validate_results(DOC)
+    text = render(DOC)
+    first = text.split("\n\n")[1]
+    assert "protection (medmnist victim): 0.250" in first and "**shallow**" in first
+    assert "protection (ue victim): 0.950" in first and "deep" in first
+    assert "| medmnist | jpeg10 | 0.460 |" in text
+    assert "victims.png" in text and "untrained victim" in text
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(results_version=1), "results_version 1"),
+    (lambda d: d.pop("protection"), "lacks protection"),
+    (lambda d: d["protocols"]["ue"]["protected"].pop("recalibrated_acc"), "ue.protected.recalibrated_acc is missing"),
+    (lambda d: d["protocols"]["medmnist"]["clean"].update(test_acc="high"), "medmnist.clean.test_acc has type str"),
+    (lambda d: d["protection"]["ue"].pop("headline"), "protection.ue.headline is missing"),
+    (lambda d: d["protocols"]["medmnist"]["defenses"]["jpeg10"].pop("protection"), "jpeg10.protection must be an object"),
+    (lambda d: d["protection"].pop("ue"), "protocols and protection must name the same protocols"),
+])
+def test_a_damaged_document_is_refused_with_the_field_named(mutate, message):
+    doc = copy.deepcopy(DOC)
+    mutate(doc)
+    with pytest.raises(UserError, match=message):
+        validate_results(doc)
