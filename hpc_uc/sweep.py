@@ -145,10 +145,9 @@ def combine(directories: list[str], out: Path) -> Path:
 
 def plot(by_dataset: dict[str, list[dict]], path: Path) -> None:
     """Clean/protected test accuracy and protection gain against batch size (log2 axis)."""
-    import matplotlib
+    from .figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def value(v):
         return float("nan") if v is None else v
@@ -170,7 +169,4 @@ def plot(by_dataset: dict[str, list[dict]], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=120)

@@ -2,21 +2,16 @@
 victim, one panel per protocol -- the shortcut-then-recovery curve of a protected victim."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
-
-from .atomic import write_bytes
 
 STYLE = {"clean": "--", "protected": "-"}
 
 
 def plot_victims(histories: dict[str, dict[str, list[dict]]], path: Path) -> None:
     """``histories[protocol][victim]`` is that victim's list of per-epoch records."""
-    import matplotlib
+    from .figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     protocols = list(histories) or ["none"]
     fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 3.6),
                              squeeze=False, constrained_layout=True)
@@ -33,7 +28,4 @@ def plot_victims(histories: dict[str, dict[str, list[dict]]], path: Path) -> Non
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    save_png(fig, path)
