@@ -10,7 +10,9 @@ from __future__ import annotations
 METRICS = ("acc", "auc", "recalibrated_acc")
 VICTIM_FIELD = {"acc": "test_acc", "auc": "test_auc", "recalibrated_acc": "recalibrated_acc"}
 AUC_CHANCE = 0.5
-SHALLOW_MARGIN = 0.25  # "shallow": accuracy share this much above the weakest other share
+SHALLOW_MARGIN = 0.25  # "shallow": accuracy share this much above the weakest other share,
+SHALLOW_BELOW = 0.5    # and that weakest share keeps more than half of the clean skill
+WEAK_CLEAN_GAP = 0.05  # a clean victim this close to chance makes the shares unstable
 
 
 def gap_closed(clean: float | None, protected: float | None, chance: float) -> float | None:
@@ -35,4 +37,10 @@ def shallow(figures: dict) -> bool:
     """Accuracy falls while AUC or the recalibrated accuracy mostly do not."""
     acc, rest = figures.get("acc"), [figures.get(m) for m in ("auc", "recalibrated_acc")]
     rest = [v for v in rest if v is not None]
-    return acc is not None and bool(rest) and acc - min(rest) >= SHALLOW_MARGIN
+    return (acc is not None and bool(rest) and acc - min(rest) >= SHALLOW_MARGIN
+            and min(rest) < SHALLOW_BELOW)
+
+
+def weak_clean_victim(clean: dict, chance_acc: float) -> bool:
+    """The clean victim itself is barely above the majority rate: there is little gap to close."""
+    return clean.get("test_acc") is not None and clean["test_acc"] - chance_acc < WEAK_CLEAN_GAP

@@ -85,8 +85,14 @@ def verdict(figures: dict) -> str:
 def render(doc: dict) -> str:
     """Markdown report of one run's results."""
     lines = [f"# hpc-uc report: {doc['dataset']}", ""]
+    from .protection import weak_clean_victim
+
     for protocol, figs in doc["protection"].items():
         lines.append(f"- **protection ({protocol} victim): {_fmt(figs['headline'])}** -- {verdict(figs)}")
+        if weak_clean_victim(doc["protocols"][protocol]["clean"], doc["chance_acc"]):
+            lines.append(f"  (caution: under this protocol the clean victim itself reaches only "
+                         f"{_fmt(doc['protocols'][protocol]['clean']['test_acc'])} against a majority rate of "
+                         f"{_fmt(doc['chance_acc'])}; the shares rest on a small gap -- train it longer)")
     lines += [
         "",
         f"{doc['world_size']} rank(s), backend {doc['backend']}, global batch {doc['batch_size']}, "

@@ -35,6 +35,13 @@ def test_multilabel_chance_is_the_mean_majority_rate():
     assert figs["headline"] == pytest.approx(0.0875)
 
 
+def test_deep_but_uneven_protection_is_not_called_shallow():
+    """BreastMNIST measured: ACC at the majority rate, AUC 0.571, re-fit 0.756 -- uneven, not shallow."""
+    figs = protection_figures(victim(0.853, 0.877, 0.827), victim(0.635, 0.571, 0.756), chance_acc=0.731)
+    assert figs["acc"] == 1.0 and figs["headline"] == pytest.approx(0.74, abs=0.01)
+    assert not shallow(figs)
+
+
 def test_ordinal_deep_protection_is_not_shallow():
     figs = protection_figures(victim(0.52, 0.72, 0.45), victim(0.26, 0.52, 0.26), chance_acc=0.25)
     assert figs["headline"] == pytest.approx(min(figs["acc"], figs["auc"], figs["recalibrated_acc"]))

@@ -42,6 +42,15 @@ def test_a_complete_document_validates_and_leads_with_the_headlines():
     assert "protection (ue victim): 0.950" in first and "deep" in first
     assert "| medmnist | jpeg10 | 0.460 |" in text
     assert "victims.png" in text and "untrained victim" in text
+    assert "caution" not in text
+
+
+def test_a_clean_victim_near_chance_is_flagged():
+    doc = copy.deepcopy(DOC)
+    doc["protocols"]["ue"]["clean"]["test_acc"] = 0.756
+    text = render(doc)
+    assert "caution: under this protocol the clean victim itself reaches only 0.756" in text
+    assert text.count("caution") == 1
 
 
 @pytest.mark.parametrize("mutate,message", [
