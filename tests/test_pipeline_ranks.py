@@ -113,12 +113,14 @@ def test_sweep_writes_tables_and_resumes(clustered, digits_dir, tmp_path):
             f"run_dir={root}", "--batch-sizes"]
     first = hpc_uc([*args, "32,64"], np=2)
     assert first.returncode == 0, first.stderr
+    assert first.stdout.count("reused from clean_victims.json") == 2  # bs64 reuses bs32's clean victims
     stamp = (root / "bs32" / "results.json").stat().st_mtime_ns
     again = hpc_uc([*args, "32,64,128"], np=2)  # as after an interruption: only 128 is missing
     assert again.returncode == 0, again.stderr
     assert (root / "bs32" / "results.json").stat().st_mtime_ns == stamp
     assert again.stdout.count("== train: up to date, skipped") == 2
+    assert again.stdout.count("reused from clean_victims.json") == 2
     rows = (root / "sweep.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[0].startswith("dataset,batch_size")
+    assert len(rows) == 1 + 3 * 2 and rows[0].startswith("dataset,batch_size,protocol")  # a row per protocol
     assert (root / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| digits | 128 |" in (root / "sweep.md").read_text()
+    assert "| digits | 128 | ue |" in (root / "sweep.md").read_text()
