@@ -83,10 +83,10 @@ class Splits:
     """The clean val and test splits every victim is measured on (read once)."""
 
     def __init__(self, cfg: dict, comm: Comm) -> None:
-        manifest = ShardedDataset(cfg["data_dir"], "test", comm, full=True, cache=cfg["cache"]).manifest
+        self.test = ShardedDataset(cfg["data_dir"], "test", comm, cache=cfg["cache"], full=True)
+        manifest = self.test.manifest
         self.val = (ShardedDataset(cfg["data_dir"], "val", comm, cache=cfg["cache"], full=True)
                     if "val" in manifest["splits"] else None)
-        self.test = ShardedDataset(cfg["data_dir"], "test", comm, cache=cfg["cache"], full=True)
         self.task, self.num_classes = manifest["task"], manifest["num_classes"]
 
 
