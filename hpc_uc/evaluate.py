@@ -202,8 +202,6 @@ def known_clean_victims(cfg: dict, comm: Comm, run: RunDir) -> dict:
 def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """Clean and protected victims (plus defenses) under each protocol; rank 0 writes
     results.json and victims.png."""
-    for name in cfg["defenses"]:  # a misspelled defense fails before any victim trains
-        build_defense(name, cfg["defense"])
     log = MetricsLog(run.metrics, comm, "evaluate")
     splits = Splits(cfg, comm)
     protocols = {}

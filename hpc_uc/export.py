@@ -14,7 +14,7 @@ import numpy as np
 from .atomic import atomic_path
 from .comm import Comm
 from .config import config_hash
-from .generator import cluster_of_index, load_perturbations, load_targets
+from .generator import add_perturbation, cluster_of_index, load_perturbations, load_targets
 from .reader import ShardedDataset
 from .rundir import RunDir
 from .shards import ShardSetWriter
@@ -28,12 +28,11 @@ def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
     ``linf`` the quantised difference is clipped to floor(255·epsilon) grey levels, so
     |protected - clean| <= epsilon holds exactly after rounding.
     """
-    clean = images.astype(np.float32) / 255.0
-    y = clean + delta
-    if boundary == "reflect":
-        y = np.where(y < 0, -y, y)
-        y = np.where(y > 1, 2 - y, y)
-    out = np.rint(np.clip(y, 0.0, 1.0) * 255.0)
+    import torch
+
+    clean = torch.from_numpy(images.astype(np.float32) / 255.0)
+    y = add_perturbation(clean, torch.from_numpy(np.asarray(delta, dtype=np.float32)), boundary).numpy()
+    out = np.rint(y * 255.0)
     if norm == "linf":
         levels = math.floor(255.0 * epsilon + 1e-6)
         base = images.astype(np.float32)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_prep.__main__ import main as prep_main
-from hpc_uc.comm import Comm
+from conftest import single_rank
 from hpc_uc.config import load_config
 from hpc_uc.evaluate import Splits, build_victim, measure, predict_with_features
 from hpc_uc.export import read_whole_split
@@ -31,14 +31,6 @@ def digits_shared():
     mpi.barrier()
     if mpi.is_root:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def single_rank() -> Comm:
-    """The real communicator class as a plain one-rank process has it (beside the MPI job)."""
-    solo = Comm.__new__(Comm)
-    solo.mpi, solo.rank, solo.size, solo.local_rank, solo.local_size = None, 0, 1, 0, 1
-    solo.device = torch.device("cpu")
-    return solo
 
 
 def test_two_ranks_measure_like_one(comm, digits_shared):

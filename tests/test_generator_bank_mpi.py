@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpc_uc.comm import Comm
+from conftest import single_rank
 from hpc_uc.config import load_config
 from hpc_uc.generator import GeneratorBank
 from hpc_uc.models import Generator, perturbation
@@ -58,14 +58,6 @@ def test_bank_equals_replicated_training(comm):
         assert sorted(state["optimizers"]) == list(range(K))
     else:
         assert state is None
-
-
-def single_rank() -> Comm:
-    """The real communicator class as a plain one-rank process has it (beside the MPI job)."""
-    solo = Comm.__new__(Comm)
-    solo.mpi, solo.rank, solo.size, solo.local_rank, solo.local_size = None, 0, 1, 0, 1
-    solo.device = torch.device("cpu")
-    return solo
 
 
 def test_bank_state_reloads_on_any_world_size(comm):
