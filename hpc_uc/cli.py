@@ -55,11 +55,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Train -> export -> evaluate for each global batch size, surrogate/clusters shared."""
     from .config import load_config
-    from .sweep import parse_batch_sizes, run_sweep
+    from .sweep import parse_batch_sizes, parse_seeds, run_sweep
 
     sizes = parse_batch_sizes(args.batch_sizes)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     load_config(args.config, args.overrides)  # a bad config fails here, before any work
-    run_sweep(args.config, args.overrides, sizes)
+    run_sweep(args.config, args.overrides, sizes, seeds)
     return 0
 
 
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config")
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
     sweep.add_argument("--batch-sizes", required=True, help="comma-separated global batch sizes")
+    sweep.add_argument("--seeds", help="comma-separated seeds, a point per (seed, batch); default: the config's seed")
     sweep.set_defaults(func=cmd_sweep)
     verify = sub.add_parser("verify", help="check a shard set's files against its manifest")
     verify.add_argument("dir")

@@ -105,22 +105,27 @@ def test_killed_rank_ends_job_and_resume_matches(clustered, digits_dir, tmp_path
     assert (killed / "perturbations.h5").read_bytes() == (whole / "perturbations.h5").read_bytes()
 
 
-def test_sweep_writes_tables_and_resumes(clustered, digits_dir, tmp_path):
+def test_sweep_over_seeds_writes_tables_and_resumes(clustered, digits_dir, tmp_path):
     root = tmp_path / "sweep"
-    shared = copy_run(clustered, root / "shared")
-    assert shared.is_dir()
+    copy_run(clustered, root / "seed0" / "shared")  # seed 0's surrogate and clusters, already made
     args = ["sweep", CONFIG, *TINY, "generator.epochs=1", "backend=torch", f"data_dir={digits_dir}",
-            f"run_dir={root}", "--batch-sizes"]
-    first = hpc_uc([*args, "32,64"], np=2)
+            f"run_dir={root}", "--batch-sizes", "32,64", "--seeds"]
+    first = hpc_uc([*args, "0"], np=2)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("reused from clean_victims.json") == 2  # bs64 reuses bs32's clean victims
-    stamp = (root / "bs32" / "results.json").stat().st_mtime_ns
-    again = hpc_uc([*args, "32,64,128"], np=2)  # as after an interruption: only 128 is missing
+    stamp = (root / "seed0" / "bs32" / "results.json").stat().st_mtime_ns
+    again = hpc_uc([*args, "0,1"], np=2)  # a seed added: only seed 1's points are computed
     assert again.returncode == 0, again.stderr
-    assert (root / "bs32" / "results.json").stat().st_mtime_ns == stamp
+    assert (root / "seed0" / "bs32" / "results.json").stat().st_mtime_ns == stamp
     assert again.stdout.count("== train: up to date, skipped") == 2
-    assert again.stdout.count("reused from clean_victims.json") == 2
+    assert again.stdout.count("== surrogate done in") == 1 and again.stdout.count("== train done in") == 2
     rows = (root / "sweep.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3 * 2 and rows[0].startswith("dataset,batch_size,protocol")  # a row per protocol
+    assert rows[0].startswith("dataset,lr_scaling,batch_size,seed,protocol")
+    assert len(rows) == 1 + 2 * 2 * 2  # (batch, seed, protocol)
+    assert {r.split(",")[3] for r in rows[1:]} == {"0", "1"}
     assert (root / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| digits | 128 | ue |" in (root / "sweep.md").read_text()
+    table = (root / "sweep.md").read_text()
+    assert "## digits (lr linear), ue victim" in table and " ± " in table and "block ANOVA F(1, 1)" in table
+    third = hpc_uc([*args, "0,1"], np=2)  # everything done: no stage runs
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.count("up to date, skipped") == 2 * (2 + 2 * 3) and " done in " not in third.stdout
