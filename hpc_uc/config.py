@@ -115,9 +115,37 @@ CHOICES = {
     "victim.input_norm": ("medmnist", "imagenet"),
     "generator.train_on": ("all", "cluster"),
     "generator.target": ("next", "farthest", "cross_class"),
-    "generator.augment": (False, True),  # false | true
     "generator.boundary": ("clip", "reflect"),
 }
+INF = float("inf")
+# Every other leaf key: (kind, lowest, highest); kind is int | number | bool | text | list, and
+# None in a bound means open. One table, checked before any work (tests keep it complete).
+RULES: dict[str, tuple[str, float | None, float | None]] = {
+    "dataset": ("text", None, None), "data_dir": ("text", None, None), "run_dir": ("text", None, None),
+    "seed": ("int", 0, 2**32 - 1), "batch_size": ("int", 1, INF), "base_batch_size": ("int", 1, INF),
+    "warmup_epochs": ("int", 0, INF), "clusters": ("int", 2, INF), "target_offset": ("int", 1, INF),
+    "resume": ("bool", None, None), "defenses": ("list", None, None),
+    "surrogate.weights": ("text", None, None), "surrogate.epochs": ("int", 0, INF),
+    "surrogate.lr": ("number", 0, INF), "surrogate.weight_decay": ("number", 0, INF),
+    "surrogate.batch_size": ("int", 1, INF), "surrogate.input_size": ("int?", 8, INF),
+    "surrogate.min_val_acc": ("number", 0, 1),
+    "kmeans.iters": ("int", 1, INF), "kmeans.tol": ("number", 0, INF), "kmeans.init_sample": ("int", 1, INF),
+    "generator.epochs": ("int", 0, INF), "generator.lr": ("number", 0, INF),
+    "generator.min_lr": ("number", 0, INF), "generator.weight_decay": ("number", 0, INF),
+    "generator.base_filters": ("int", 1, INF), "generator.n_down": ("int", 0, 6),
+    "generator.n_blocks": ("int", 0, INF), "generator.augment": ("bool", None, None),
+    "generator.bf16": ("bool", None, None),
+    "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
+    "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
+    "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
+    "victim.milestones": ("list", None, None),
+    "victim.ue.epochs": ("int", 0, INF), "victim.ue.lr": ("number", 0, INF), "victim.ue.momentum": ("number", 0, 1),
+    "victim.ue.weight_decay": ("number", 0, INF), "victim.ue.crop_padding": ("int", 0, INF),
+    "evaluate.protocols": ("list", None, None), "evaluate.recalibrate_samples": ("int", 0, INF),
+    "defense.pgd_epsilon": ("number", 0, 1), "defense.pgd_steps": ("int", 0, INF),
+    "defense.pgd_step_size": ("number", 0, 1),
+}
+POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr"}  # > 0, not just >= 0
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:
@@ -164,6 +192,12 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict:
         if not isinstance(file_cfg, dict):
             raise UserError(f"config file {path} must hold a mapping")
     file_profiles = file_cfg.pop("profiles", {}) or {}
+    if not isinstance(file_profiles, dict):
+        raise UserError(f"config file {path}: profiles must be a mapping of profile name to settings")
+    for name, section in file_profiles.items():  # every section, not only the one in use
+        if name not in PROFILES:
+            raise UserError(f"config file {path}: profiles.{name} is not a profile (one of {', '.join(PROFILES)})")
+        merge(DEFAULTS, section or {}, f"profiles.{name}.")
     cli = [parse_override(o) for o in overrides]
     profile = file_cfg.get("profile", DEFAULTS["profile"])
     for item in cli:
@@ -187,39 +221,63 @@ def get(cfg: dict, dotted: str) -> Any:
     return value
 
 
+def _checked(key: str, value: Any) -> Any:
+    """``value`` if it is of ``key``'s kind and range (a number written as text, e.g. 1e-3, is
+    read as one); otherwise a UserError naming the key and what it takes."""
+    kind, low, high = RULES[key]
+    wants = {"int": "an integer", "int?": "an integer or null", "number": "a number", "bool": "true or false",
+             "text": "a non-empty string", "list": "a list"}[kind]
+    if kind == "int?" and value is None:
+        return value
+    if kind == "number" and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "int?": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v,
+          "bool": lambda v: isinstance(v, bool), "text": lambda v: isinstance(v, str) and v.strip() != "",
+          "list": lambda v: isinstance(v, list)}[kind](value)
+    if not ok:
+        raise UserError(f"{key} must be {wants}, not {value!r}")
+    if low is not None and (value < low or value > high or (key in POSITIVE and value <= 0)):
+        side = "> 0" if key in POSITIVE else f">= {low:g}"
+        upper = "" if high == INF else f" and <= {high:g}"
+        raise UserError(f"{key} must be {side}{upper}, not {value!r}")
+    return value
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        cfg = cfg[part]
+    cfg[last] = value
+
+
 def validate(cfg: dict) -> None:
-    """Checks that need no data: ranges, choices and types."""
+    """Checks that need no data: every key's type, range or choice, from CHOICES and RULES."""
     for key, allowed in CHOICES.items():
         value = get(cfg, key)
         if not any(type(value) is type(a) and value == a for a in allowed):
             raise UserError(f"{key} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+    for key in RULES:
+        _set(cfg, key, _checked(key, get(cfg, key)))
     eps = cfg["epsilon"]
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps <= 1:
         raise UserError(f"epsilon must be in (0, 1] (images are in [0, 1]), not {eps!r}")
-    if not isinstance(cfg["defenses"], list):
-        raise UserError(f"defenses must be a list such as [jpeg10, grayscale], not {cfg['defenses']!r}")
-    for key in ("batch_size", "clusters", "surrogate.batch_size", "generator.epochs", "seed",
-                "victim.epochs", "victim.batch_size"):
-        value = get(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UserError(f"{key} must be a non-negative integer, not {value!r}")
+    if not all(isinstance(d, str) for d in cfg["defenses"]):
+        raise UserError(f"defenses must be a list of names such as [jpeg10, grayscale], not {cfg['defenses']!r}")
+    milestones = cfg["victim"]["milestones"]
+    if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in milestones):
+        raise UserError(f"victim.milestones must be a list of fractions in (0, 1), not {milestones!r}")
     protocols = cfg["evaluate"]["protocols"]
-    if (not isinstance(protocols, list) or not protocols or len(set(map(str, protocols))) != len(protocols)
-            or not set(protocols) <= set(PROTOCOLS)):
+    if not protocols or len(set(map(str, protocols))) != len(protocols) or not set(protocols) <= set(PROTOCOLS):
         raise UserError(f"evaluate.protocols must be a non-empty list of distinct names from "
                         f"{', '.join(PROTOCOLS)}, not {protocols!r}")
-    for key in ("victim.ue.epochs", "victim.ue.crop_padding", "evaluate.recalibrate_samples", "refine.steps"):
-        value = get(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UserError(f"{key} must be a non-negative integer, not {value!r}")
-    for key in ("victim.ue.lr", "victim.ue.momentum", "victim.ue.weight_decay", "refine.step_size"):
-        value = get(cfg, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise UserError(f"{key} must be a non-negative number, not {value!r}")
-    if cfg["batch_size"] < 1:
-        raise UserError("batch_size must be at least 1")
-    if cfg["clusters"] < 2:
-        raise UserError(f"clusters (K) must be at least 2, not {cfg['clusters']}")
+    if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
+        raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
+                        f"({cfg['generator']['lr']})")
 
 
 def check_world(cfg: dict, world_size: int, key: str = "batch_size") -> int:

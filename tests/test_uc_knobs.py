@@ -41,10 +41,10 @@ def test_cross_class_target_always_crosses_classes():
 
 @pytest.mark.parametrize("override,message", [
     ("generator.target=nearest", "generator.target must be one of"),
-    ("generator.augment=maybe", "generator.augment must be one of"),
+    ("generator.augment=maybe", "generator.augment must be true or false"),
     ("generator.boundary=wrap", "generator.boundary must be one of"),
-    ("refine.steps=-1", "refine.steps must be a non-negative integer"),
-    ("refine.step_size=abc", "refine.step_size must be a non-negative number"),
+    ("refine.steps=-1", "refine.steps must be >= 0"),
+    ("refine.step_size=abc", "refine.step_size must be a number"),
 ])
 def test_bad_knob_values_are_refused(override, message):
     with pytest.raises(UserError, match=message):
