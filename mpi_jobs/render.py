@@ -112,6 +112,8 @@ def check_overrides(items: Sequence[str]) -> None:
     """Each extra override is key=value, and not a key that has its own option."""
     for item in items:
         key = item.split("=", 1)[0]
+        if any(ord(ch) < 32 for ch in item):
+            raise UserError(f"--set value {item!r} holds a control character (a newline?)")
         if "=" not in item or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
             raise UserError(f"--set takes key=value, not {item!r}")
         if key in RESERVED:
@@ -174,6 +176,8 @@ def render(opts: JobOptions) -> Job:
         hostfile = os.path.abspath(opts.hostfile)
         if not os.path.isfile(hostfile):
             raise UserError(f"hostfile {opts.hostfile} not found")
+    if opts.project is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", opts.project):
+        raise UserError(f"project must be a scheduler account name (letters, digits, _ . + -), not {opts.project!r}")
     directive = SCHEDULERS[opts.scheduler].project_directive
     if not opts.project:  # commented out, ready to fill in
         directive = "#" + directive.format("PROJECT") + "  # none given: --project, PROJECT=" if directive else ""

@@ -240,6 +240,25 @@ def test_submit_dry_run_prints_and_writes_nothing(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("variable", ["PROJECT=a;echo INJECTED", "RUN_DIR=r;echo INJECTED", "SET=a=1;echo INJECTED",
+                                      "DATASET=digits;echo INJECTED"])
+def test_make_variables_are_values_not_shell(variable, tmp_path):
+    """A make variable reaches the launcher as one quoted value: no command in it runs, and
+    DRY_RUN=1 is never dropped."""
+    proc = subprocess.run(["make", "-s", "-C", str(REPO), "summit-run", "BS=256", "DATASET=digits", variable,
+                           "DRY_RUN=1"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert proc.stdout == ""  # nothing ran, no job script was printed
+    assert proc.returncode != 0 and proc.stderr.count("error:") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("option", [["--project", "a\ntouch F"], ["--set", "seed=1\ntouch F"]])
+def test_newlines_never_reach_the_job_script(option, tmp_path):
+    proc = submit(["lsf", "--dataset", "digits", "--batch-size", "64", "--run-dir", str(tmp_path / "run"),
+                   *option, "--dry-run"], env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "touch F" not in proc.stdout and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_submit_without_data_submits_nothing(tmp_path, fake_bin):
     run_dir = tmp_path / "run"
     proc = submit(["lsf", "--dataset", "digits", "--batch-size", "64", "--run-dir", str(run_dir),
