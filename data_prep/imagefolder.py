@@ -47,11 +47,24 @@ def scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     return classes, files
 
 
+def to_rgb8(im: Image.Image, path: Path) -> Image.Image:
+    """RGB with 8 bits per channel. 16-bit grey (PNG/TIFF "I;16", "I") is scaled down by 257
+    (Pillow's convert would clip it to 255, saturating the image); float images are refused."""
+    if im.mode == "F":
+        raise UserError(f"{path}: floating-point image; convert it to 8 or 16 bits per channel first")
+    if im.mode.startswith("I"):
+        values = np.asarray(im, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise UserError(f"{path}: {im.mode} image with values outside 0..65535")
+        im = Image.fromarray(np.rint(values / 257.0).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
     """RGB ``size``×``size``×3 uint8: short side resized to ``size`` (bilinear), center crop."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb8(im, path)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise UserError(f"{path}: cannot read image ({type(exc).__name__})") from None
     w, h = im.size

@@ -97,6 +97,8 @@ def load_npz(path: Path, flag: str, entry: dict, size: int) -> dict[str, tuple[n
             if labels.dtype.kind not in "iu":
                 raise UserError(f"{path}: {split}_labels has dtype {labels.dtype}, expected an integer type")
             n = len(images)
+            if n == 0:
+                raise UserError(f"{path}: the {split} split is empty (every split needs images)")
             shape = (n, size, size) if channels == 1 else (n, size, size, channels)
             if images.shape != shape and images.shape != (n, size, size, channels):
                 raise UserError(f"{path}: {split}_images has shape {images.shape}, expected {shape} "

@@ -24,12 +24,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from .pipeline import run_all, run_stage, start
+    from .pipeline import check_inputs, run_all, run_stage, start
 
     comm, run = start(cfg)
     if args.command == "run":
         run_all(cfg, comm, run)
     else:
+        check_inputs(args.command, cfg, run)
         run_stage(args.command, cfg, comm, run)
     return 0
 
@@ -153,6 +154,19 @@ def _fail(message: str, code: int) -> None:
         from mpi4py import MPI
 
         MPI.COMM_WORLD.Abort(code)
+    _fail_before_mpi(message, code)
+
+
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def _fail_before_mpi(message: str, code: int) -> None:
+    """A failure before MPI started (a bad config, a missing file: the same on every rank) is
+    printed by rank 0; another rank prints only if the launcher has not ended it a moment later."""
+    rank = next((int(os.environ[v]) for v in RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0)
+    if rank:
+        time.sleep(3.0)
+        message = f"rank {rank}: {message}"
     print(f"hpc-uc: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from .atomic import atomic_path, read_json
+from .atomic import OWNER_ONLY, atomic_path, read_json
 from .comm import Comm
 from .errors import UserError
 from .kmeans import cluster_purity, kmeans
@@ -57,7 +57,7 @@ def run_cluster(cfg: dict, comm: Comm, run: RunDir) -> dict:
         purity = cluster_purity(assignment, labels, cfg["clusters"])
         majority, best = _purity_bounds(labels, cfg["clusters"])
         info.update(purity=purity, majority_rate=majority, sizes=sizes.tolist())
-        with atomic_path(run.clusters) as tmp:
+        with atomic_path(run.clusters, OWNER_ONLY) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, centroids=result.centroids.cpu().numpy(), index=index, assignment=assignment,
                          sizes=sizes, purity=np.float64(purity))

@@ -8,12 +8,14 @@ RUN_DIR/perturbations.h5 and never enter the export.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_path
 from .comm import Comm
 from .config import config_hash
+from .diskspace import require_free
 from .generator import add_perturbation, cluster_of_index, load_perturbations, load_targets
 from .reader import ShardedDataset
 from .rundir import RunDir
@@ -48,6 +50,10 @@ def read_whole_split(directory, split: str) -> tuple[np.ndarray, np.ndarray, np.
 def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """Write RUN_DIR/protected/ (shards + manifest) and RUN_DIR/protected.npz."""
     data = ShardedDataset(cfg["data_dir"], "train", comm, seed=cfg["seed"], cache=cfg["cache"], full=True)
+    splits = data.manifest["splits"]
+    image_bytes = data.image_size ** 2 * data.channels
+    require_free(run.root, 2 * image_bytes * sum(s["count"] for s in splits.values()),  # shards + npz
+                 "the export (protected/ and protected.npz)")
     images, labels, index = data.local_arrays()
     delta = load_perturbations(run.perturbations).transpose(0, 2, 3, 1)  # K×H×W×C
     clusters = cluster_of_index(run.clusters)[index]
@@ -105,7 +111,7 @@ def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """What the manifest says about how the data was protected."""
     surrogate = cfg["surrogate"]
     return {"method": "unlearnable-clusters", "epsilon": cfg["epsilon"], "norm": cfg["norm"],
-            "clusters": cfg["clusters"], "seed": cfg["seed"], "target": cfg["generator"]["target"],
+            "clusters": cfg["clusters"], "target": cfg["generator"]["target"],
             "augment": cfg["generator"]["augment"],
             "boundary": cfg["generator"]["boundary"], "refine_steps": cfg["refine"]["steps"],
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
@@ -119,6 +125,7 @@ def write_medmnist_npz(path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -
     for split, (images, labels) in splits.items():
         arrays[f"{split}_images"] = images[..., 0] if images.shape[-1] == 1 else images
         arrays[f"{split}_labels"] = labels.astype(np.uint8)
+    require_free(Path(path).parent, sum(a.nbytes for a in arrays.values()), Path(path).name)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)

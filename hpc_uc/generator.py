@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_path, load_torch, save_torch
+from .atomic import OWNER_ONLY, atomic_path, load_torch, owner_only_dir, save_torch
 from .augment import crop_flip, epoch_generator
 from .comm import Comm
 from .config import check_world, scaled_lr
@@ -73,7 +73,7 @@ def cluster_majority(data: ShardedDataset, cluster_of: np.ndarray, k: int, comm:
     for _, labels, idx in data.batches(4096, epoch=0, shuffle=False, drop_last=False):
         c = torch.from_numpy(cluster_of[idx.cpu().numpy()])
         counts.index_put_((c, labels.view(-1).cpu()), torch.ones(len(c), dtype=torch.float64), accumulate=True)
-    return comm.allreduce(counts, op="sum").argmax(1).numpy()
+    return comm.allreduce(counts, op="sum", name="cluster_majority").argmax(1).numpy()
 
 
 class ClusterTargets:
@@ -148,7 +148,7 @@ class GeneratorBank:
         full = torch.zeros(self.k, *self.noise.shape[2:], device=self.comm.device)
         if own is not None:
             full[self.owned] = own.detach()
-        return self.comm.allreduce(full, op="sum")
+        return self.comm.allreduce(full, op="sum", name="generator.deltas")
 
     def forward(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(this rank's deltas with their graph, all K deltas as a leaf that collects grads)."""
@@ -158,7 +158,7 @@ class GeneratorBank:
     def step(self, own: torch.Tensor | None, full: torch.Tensor, lr: float) -> None:
         """After ``loss.backward()``: average d loss / d delta over ranks, update own generators."""
         grad = full.grad if full.grad is not None else torch.zeros_like(full)
-        grad = self.comm.allreduce(grad, op="mean")
+        grad = self.comm.allreduce(grad, op="mean", name="generator.delta_grads")
         for opt in self.opts.values():
             set_lr(opt, lr)
             opt.zero_grad()
@@ -233,11 +233,16 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
     bank = GeneratorBank(cfg, targets.k, data.channels, data.image_size, comm, lr)
     key, start = stage_key(cfg, "train"), 0
     if cfg["resume"] and run.checkpoint.is_file():
-        state = load_torch(run.checkpoint)
-        if state.get("key") == key and state.get("format") == CHECKPOINT_FORMAT:
+        try:
+            state = load_torch(run.checkpoint)
+        except UserError as exc:
+            state = {}
+            if comm.is_root:
+                print(f"train: WARNING: {exc}; starting over", flush=True)
+        if isinstance(state, dict) and state.get("key") == key and state.get("format") == CHECKPOINT_FORMAT:
             bank.load(state)
             start = int(state["epoch"]) + 1
-        elif comm.is_root:
+        elif comm.is_root and state:
             print("train: the checkpoint was written for another config or format; starting over", flush=True)
     comm.broadcast_model(bank.gens)
     steps = len(data) // per_rank
@@ -249,7 +254,7 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
     state = None  # the owners' states merged on rank 0 (None on other ranks), gathered per epoch
     for epoch in epochs:
         bank.gens.train()
-        began, loss_sum = time.perf_counter(), torch.zeros(2, dtype=torch.float64)
+        began, loss_sum = time.perf_counter(), torch.zeros(2, dtype=torch.float64, device=comm.device)
         batches = data.batches(per_rank, epoch=epoch, shuffle=True, drop_last=True)
         aug_gen = epoch_generator(cfg["seed"] + 7919, comm.rank, epoch)
         augment = functools.partial(crop_flip, gen=aug_gen) if g["augment"] else None
@@ -260,8 +265,9 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
                 loss = generator_loss(surrogate, x, idx, delta, targets, g["train_on"], augment, g["boundary"])
             loss.backward()
             bank.step(own, delta, step_lr)
-            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        loss_sum = comm.allreduce(loss_sum, op="sum")
+            loss_sum[0] += loss.detach().double()  # on the device: no sync per step
+            loss_sum[1] += 1
+        loss_sum = comm.allreduce(loss_sum, op="sum", name="generator.loss").cpu()
         seconds = time.perf_counter() - began
         record = {"epoch": epoch + 1, "loss": float(loss_sum[0] / loss_sum[1]), "lr": step_lr,
                   "seconds": round(seconds, 3), "images_per_s": round(steps * cfg["batch_size"] / seconds, 2)}
@@ -270,13 +276,15 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
         if comm.is_root:
             print(f"train: epoch {epoch + 1}/{g['epochs']} loss {record['loss']:.4f} "
                   f"({record['images_per_s']:.1f} images/s)", flush=True)
-            save_torch(run.checkpoint, {"key": key, "format": CHECKPOINT_FORMAT, "epoch": epoch, **state})
+            owner_only_dir(run.checkpoint.parent)
+            save_torch(run.checkpoint, {"key": key, "format": CHECKPOINT_FORMAT, "epoch": epoch, **state}, OWNER_ONLY)
     final = bank.deltas().cpu()
     if not epochs:  # no epoch ran here (generator.epochs=0, or resumed after the last); a
         state = bank.state()  # collective, so the condition must agree on every rank
     if comm.is_root:
         save_perturbations(run.perturbations, final, cfg, targets.targets)
-        save_torch(run.generators, state["generators"])
+        owner_only_dir(run.generators.parent)
+        save_torch(run.generators, state["generators"], OWNER_ONLY)
     comm.barrier()
     return {"clusters": targets.k, "epochs": g["epochs"]}
 
@@ -284,7 +292,7 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
 def save_perturbations(path, delta: torch.Tensor, cfg: dict, targets: np.ndarray | None = None) -> None:
     """The secret: delta per cluster (anyone holding it can undo the protection), mode 0600,
     with each generator's target cluster."""
-    with atomic_path(path, mode=0o600) as tmp:
+    with atomic_path(path, mode=OWNER_ONLY) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("delta", data=delta.numpy().astype(np.float32), track_times=False)
             if targets is not None:

@@ -32,20 +32,29 @@ def check_data(cfg: dict) -> dict:
     if not data_dir.is_dir():
         raise UserError(f"data_dir {data_dir} does not exist (prepare it: python -m data_prep ...)")
     manifest = read_manifest(data_dir)
-    if "train" not in manifest["splits"]:
-        raise UserError(f"{data_dir} has no train split")
+    if "train" not in manifest["splits"] or "test" not in manifest["splits"]:
+        raise UserError(f"{data_dir} needs a train and a test split (has {', '.join(manifest['splits'])})")
+    for split, info in manifest["splits"].items():
+        if info["count"] < 1:
+            raise UserError(f"{data_dir}: the {split} split is empty; prepare the data again with images in it")
     count = manifest["splits"]["train"]["count"]
     if cfg["clusters"] > count:
         raise UserError(f"clusters={cfg['clusters']} is more than the {count} training samples")
     return manifest
 
 
-def check_ranks(cfg: dict, world_size: int) -> None:
-    """Every global batch splits evenly over the ranks."""
-    check_world(cfg, world_size)
-    check_world(cfg, world_size, "victim.batch_size")
+def check_ranks(cfg: dict, world_size: int, train_count: int | None = None) -> None:
+    """Every global batch splits evenly over the ranks and, given the training split's size,
+    leaves each rank at least one full batch per epoch (else no optimizer step would run)."""
+    keys = ["batch_size", "victim.batch_size"]
     if cfg["surrogate"]["weights"] == "pretrain":
-        check_world(cfg, world_size, "surrogate.batch_size")
+        keys.append("surrogate.batch_size")
+    for key in keys:
+        per_rank = check_world(cfg, world_size, key)
+        if train_count is not None and per_rank > train_count // world_size:
+            raise UserError(f"{key}={per_rank * world_size} is larger than the training split "
+                            f"({train_count} samples, {train_count // world_size} per rank over {world_size}): "
+                            f"no optimizer step would run; lower {key}")
 
 
 def start(cfg: dict):
@@ -56,7 +65,7 @@ def start(cfg: dict):
     from .surrogate import check_weights_file
 
     comm = get_comm(cfg["backend"])
-    check_ranks(cfg, comm.size)
+    check_ranks(cfg, comm.size, manifest["splits"]["train"]["count"])
     check_weights_file(cfg, manifest)
     from .defenses import build_defense
 
@@ -65,9 +74,17 @@ def start(cfg: dict):
     run = RunDir(cfg["run_dir"])
     if comm.is_root:
         run.root.mkdir(parents=True, exist_ok=True)
-        run.save_config(cfg)
     comm.barrier()
     return comm, run
+
+
+def check_inputs(name: str, cfg: dict, run: RunDir) -> None:
+    """A stage run alone reads the earlier stages' outputs: they must be there, intact, and made
+    from this config and data (not, say, from another data_dir with as many images)."""
+    for earlier in STAGES[:STAGES.index(name)]:
+        if not run.is_done(cfg, earlier):
+            raise UserError(f"cannot run {name}: {run.why_not_done(cfg, earlier)}; run `hpc-uc run` "
+                            f"(or `hpc-uc {earlier}`) with this config first")
 
 
 def run_stage(name: str, cfg: dict, comm, run: RunDir) -> dict:
@@ -80,6 +97,7 @@ def run_stage(name: str, cfg: dict, comm, run: RunDir) -> dict:
     seconds = time.perf_counter() - began
     if comm.is_root:
         run.mark_done(cfg, name)
+        run.save_config(cfg)  # only now: config.yaml describes outputs that exist
         timings = read_json(run.timings) if run.timings.is_file() else {}
         timings[name] = round(seconds, 2)
         write_json(run.timings, timings)
@@ -89,13 +107,16 @@ def run_stage(name: str, cfg: dict, comm, run: RunDir) -> dict:
 
 
 def run_all(cfg: dict, comm, run: RunDir, stages: tuple[str, ...] = STAGES) -> None:
-    """Every stage in order, skipping those whose outputs are complete for this config."""
+    """Every stage in order, skipping those whose outputs are complete for this config; once a
+    stage runs, every later one runs too (its inputs were made again)."""
+    ran = False
     for name in stages:
-        if run.is_done(cfg, name):
+        if not ran and run.is_done(cfg, name):
             if comm.is_root:
                 print(f"== {name}: up to date, skipped", flush=True)
             continue
         run_stage(name, cfg, comm, run)
+        ran = True
     if "evaluate" in stages and comm.is_root:
         from .report import report
 

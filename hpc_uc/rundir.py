@@ -22,15 +22,43 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 STAGES = tuple(STAGE_KEYS)
 
 
-def stage_key(cfg: dict, stage: str) -> str:
-    """Hash of every config value that ``stage`` (and the stages before it) depends on."""
+# What each stage leaves behind, relative to the run directory: a stage is done only when its
+# record matches the config and these are there with the sizes they had when it finished.
+ARTIFACTS: dict[str, tuple[str, ...]] = {
+    "surrogate": ("surrogate.pt", "surrogate.json"),
+    "cluster": ("clusters.npz",),
+    "train": ("perturbations.h5", "generators/generators.pt"),
+    "export": ("protected/manifest.json", "protected.npz"),
+    "evaluate": ("results.json",),
+}
+DATA_MANIFEST = "data manifest"
+
+
+def _data_manifest_digest(cfg: dict) -> str | None:
+    """The data directory's manifest (its shards' hashes): other data under the same path
+    makes other inputs."""
+    path = Path(str(cfg.get("data_dir", ""))) / "manifest.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def stage_inputs(cfg: dict, stage: str) -> dict:
+    """Every config value ``stage`` (and the stages before it) depends on, and the data's digest."""
     keys: list[str] = []
     for name in STAGES:
         keys += STAGE_KEYS[name]
         if name == stage:
             break
-    values = {k: get(cfg, k) for k in keys}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return {**{k: get(cfg, k) for k in keys}, DATA_MANIFEST: _data_manifest_digest(cfg)}
+
+
+def stage_key(cfg: dict, stage: str) -> str:
+    """Hash of :func:`stage_inputs`."""
+    return hashlib.sha256(json.dumps(stage_inputs(cfg, stage), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(recorded: dict, current: dict) -> list[str]:
+    return [f"{k} ({recorded.get(k)!r} then, {current.get(k)!r} now)" for k in sorted(set(recorded) | set(current))
+            if recorded.get(k) != current.get(k)]
 
 
 class RunDir:
@@ -60,12 +88,42 @@ class RunDir:
         write_bytes(self.config, yaml.safe_dump(cfg, sort_keys=True).encode())
 
     def completed(self) -> dict:
+        """stage -> its record: {"key", "inputs", "files": {relative path: size}}."""
         return read_json(self._stages) if self._stages.is_file() else {}
 
+    def _intact(self, record: dict) -> bool:
+        files = record.get("files") if isinstance(record, dict) else None
+        if not isinstance(files, dict):
+            return False
+        return all((self.root / rel).is_file() and (self.root / rel).stat().st_size == size
+                   for rel, size in files.items())
+
     def is_done(self, cfg: dict, stage: str) -> bool:
-        return self.completed().get(stage) == stage_key(cfg, stage)
+        """Completed for this config and data, with its artifacts there and intact."""
+        record = self.completed().get(stage)
+        return isinstance(record, dict) and record.get("key") == stage_key(cfg, stage) and self._intact(record)
+
+    def why_not_done(self, cfg: dict, stage: str) -> str:
+        """In words, why :meth:`is_done` is false (for an error message)."""
+        record = self.completed().get(stage)
+        if not isinstance(record, dict):
+            return f"{stage} has not completed in {self.root}"
+        if record.get("key") != stage_key(cfg, stage):
+            diff = _differences(record.get("inputs", {}), stage_inputs(cfg, stage))
+            return f"{stage}'s outputs in {self.root} were made from other inputs: {', '.join(diff) or 'unknown'}"
+        missing = [rel for rel in record.get("files", {}) if not (self.root / rel).is_file()]
+        return (f"{stage}'s outputs in {self.root} are " + (f"missing ({', '.join(missing)})" if missing
+                else "damaged (a file changed size since the stage finished)"))
 
     def mark_done(self, cfg: dict, stage: str) -> None:
         done = self.completed()
-        done[stage] = stage_key(cfg, stage)
+        files = {rel: (self.root / rel).stat().st_size for rel in ARTIFACTS[stage] if (self.root / rel).is_file()}
+        done[stage] = {"key": stage_key(cfg, stage), "inputs": stage_inputs(cfg, stage), "files": files}
+        write_json(self._stages, done)
+
+    def forget(self, stages) -> None:
+        """Mark ``stages`` as not done (their inputs were replaced)."""
+        done = self.completed()
+        for stage in stages:
+            done.pop(stage, None)
         write_json(self._stages, done)

@@ -9,6 +9,7 @@ docs/shard_format.md describes the format in full.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -20,7 +21,9 @@ from typing import Any
 
 import h5py
 import numpy as np
+import psutil
 
+from .diskspace import require_free
 from .errors import UserError
 
 FORMAT = "hpc-uc-shards"
@@ -168,6 +171,15 @@ def finalize_shard_set(tmp_dir: str | os.PathLike, out_dir: str | os.PathLike, m
     _fsync(out.parent)
 
 
+def remove_stale_staging(out: Path) -> None:
+    """Staging (``.tmp-PID-*``) and swapped-out (``.old-PID``) siblings of ``out`` left by a
+    writer that was killed: removed when no process PID runs here any more."""
+    for path in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
+        match = re.fullmatch(re.escape(out.name) + r"\.(?:tmp|old)-(\d+)(?:-[0-9a-f]+)?", path.name)
+        if match and path.is_dir() and not psutil.pid_exists(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class ShardSetWriter:
     """Stage a shard set in a temporary sibling of ``out``; every rank writes its own shards.
 
@@ -179,7 +191,8 @@ class ShardSetWriter:
 
     def __init__(self, out: str | os.PathLike, comm: Any = None, overwrite: bool = False,
                  compression: str = "lzf") -> None:
-        self.out = Path(out).absolute()
+        out = Path(out)
+        self.out = out.resolve() if out.is_symlink() else out.absolute()  # replace the target, keep the link
         self.comm = comm
         self.overwrite = overwrite
         self.compression = compression
@@ -196,6 +209,7 @@ class ShardSetWriter:
             try:
                 check_output(self.out, self.overwrite)
                 self.out.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_staging(self.out)
                 tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
                 tmp.mkdir()
                 status = ("ok", str(tmp))
@@ -211,6 +225,7 @@ class ShardSetWriter:
     def write(self, split: str, images: np.ndarray, labels: np.ndarray, index: np.ndarray,
               shard_id: int, num_shards: int) -> dict:
         """Write one shard (see :func:`write_split`) and remember its entry for the manifest."""
+        require_free(self.tmp, np.asarray(images).nbytes + 16 * len(labels), f"shard {split} {shard_id}")
         entry = write_split(self.tmp, split, images, labels, index, shard_id, num_shards,
                             self.compression)
         self.entries.setdefault(split, []).append(entry)
@@ -334,8 +349,20 @@ def verify(directory: str | os.PathLike) -> dict:
     Raises UserError naming the first bad file.
     """
     manifest = read_manifest(directory)
+    high = 1 if label_width(manifest["task"], manifest["num_classes"]) > 1 else manifest["num_classes"] - 1
     for split, info in manifest["splits"].items():
+        seen: list[np.ndarray] = []
         for i in range(len(info["shards"])):
-            with open_shard(directory, manifest, split, i):
-                pass
+            with open_shard(directory, manifest, split, i) as f:
+                labels, index = f["labels"][()], f["index"][()]
+            path = Path(directory) / info["shards"][i]["file"]
+            if len(labels) and (labels.min() < 0 or labels.max() > high):
+                raise UserError(f"{path}: labels {labels.min()}..{labels.max()} outside 0..{high} "
+                                f"({manifest['task']}, {manifest['num_classes']} classes)")
+            if len(index) and index.min() < 0:
+                raise UserError(f"{path}: negative sample index {index.min()}")
+            seen.append(index)
+        ids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise UserError(f"{directory}: split {split!r} holds a sample index twice (sample ids must be unique)")
     return manifest

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import load_torch, save_torch, write_json
+from .atomic import OWNER_ONLY, load_torch, save_torch, write_json
 from .comm import Comm
 from .config import check_world, scaled_lr
 from .errors import UserError
@@ -93,7 +93,7 @@ def run_surrogate(cfg: dict, comm: Comm, run: RunDir) -> dict:
                 print(f"WARNING: the surrogate is weak ({val_split} accuracy {info['val_acc']:.3f} < "
                       f"{s['min_val_acc']}): its clusters and perturbations may protect nothing. "
                       "Train it longer (surrogate.epochs) or give better weights.", file=sys.stderr, flush=True)
-        save_torch(run.surrogate, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        save_torch(run.surrogate, {k: v.detach().cpu() for k, v in model.state_dict().items()}, OWNER_ONLY)
         write_json(run.surrogate_info, info)
     comm.barrier()
     return info

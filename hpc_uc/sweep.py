@@ -15,10 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import read_json, write_json
+from .atomic import read_json
 from .config import load_config
 from .errors import UserError
-from .rundir import RunDir, stage_key
+from .rundir import RunDir
+from .shards import read_manifest
 from .sweep_summary import read_csv, write_csv, write_summary
 
 SHARED_FILES = ("surrogate.pt", "surrogate.json", "clusters.npz")
@@ -59,21 +60,18 @@ def seed_point(shared: RunDir, point: RunDir, cfg: dict) -> None:
     A point holding other copies (made before the sweep's inputs changed) gets the shared
     ones, and its later stages are recomputed."""
     point.root.mkdir(parents=True, exist_ok=True)
-    done = point.completed()
     replaced = False
     for name in SHARED_FILES:
         src, dst = shared.root / name, point.root / name
         if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
-            shutil.copyfile(src, dst)
+            shutil.copy(src, dst)  # with its owner-only mode
             replaced = True
     if replaced:
-        for stage in DOWNSTREAM:
-            done.pop(stage, None)
+        point.forget(DOWNSTREAM)
     if shared.clean_victims.is_file() and not point.clean_victims.is_file():
         shutil.copyfile(shared.clean_victims, point.clean_victims)  # reused only if its key matches
     for stage in ("surrogate", "cluster"):
-        done[stage] = stage_key(cfg, stage)
-    write_json(point.root / "stages.json", done)
+        point.mark_done(cfg, stage)
 
 
 def run_sweep(config: str, overrides: list[str], batch_sizes: list[int], seeds: list[int] | None = None) -> Path:
@@ -88,8 +86,9 @@ def run_sweep(config: str, overrides: list[str], batch_sizes: list[int], seeds: 
     for seed in seeds:
         shared_cfg = load_config(config, [*overrides, f"seed={seed}", f"run_dir={seed_dir(root, seed) / 'shared'}"])
         comm, shared = start(shared_cfg)
+        count = read_manifest(shared_cfg["data_dir"])["splits"]["train"]["count"]
         for cfg in points[seed]:  # every batch must split over the ranks: check before any work
-            check_ranks(cfg, comm.size)
+            check_ranks(cfg, comm.size, count)
         if comm.is_root:
             print(f"== sweep seed {seed}", flush=True)
         run_all(shared_cfg, comm, shared, stages=("surrogate", "cluster"))
@@ -98,7 +97,6 @@ def run_sweep(config: str, overrides: list[str], batch_sizes: list[int], seeds: 
             if comm.is_root:
                 print(f"== sweep point seed={seed} batch_size={cfg['batch_size']}", flush=True)
                 seed_point(shared, point, cfg)
-                point.save_config(cfg)
             comm.barrier()
             run_all(cfg, comm, point, stages=DOWNSTREAM)
             if comm.is_root and point.clean_victims.is_file() and not shared.clean_victims.is_file():

@@ -128,3 +128,26 @@ def single_rank():
     solo.mpi, solo.rank, solo.size, solo.local_rank, solo.local_size = None, 0, 1, 0, 1
     solo.device = torch.device("cpu")
     return solo
+
+
+TINY = ["profile=fast", "backend=mpi", "surrogate.epochs=1", "surrogate.stem=standard",
+        "generator.epochs=2", "generator.base_filters=8", "generator.n_blocks=1",
+        "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1", "victim.stem=standard", "batch_size=64"]
+
+
+def tiny_config(data_dir, run_dir, *extra: str) -> dict:
+    """configs/digits.yaml at tiny but real settings, single process."""
+    from hpc_uc.config import load_config
+
+    return load_config(REPO / "configs" / "digits.yaml", [*TINY, f"data_dir={data_dir}", f"run_dir={run_dir}", *extra])
+
+
+@pytest.fixture(scope="session")
+def finished_run(digits_dir, tmp_path_factory):
+    """The whole pipeline once on digits, single process (tests that change it work on a copy)."""
+    from hpc_uc.pipeline import run_all, start
+
+    cfg = tiny_config(digits_dir, tmp_path_factory.mktemp("run") / "digits")
+    comm, run = start(cfg)
+    run_all(cfg, comm, run)
+    return cfg, run

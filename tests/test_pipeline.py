@@ -9,31 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO
-from hpc_uc.config import load_config
+from conftest import tiny_config
 from hpc_uc.export import protect, read_whole_split
 from hpc_uc.pipeline import run_all, start
 from hpc_uc.report import validate_results
 from hpc_uc.shards import verify
-
-TINY = ["profile=fast", "backend=mpi", "surrogate.epochs=1", "surrogate.stem=standard",
-        "generator.epochs=2", "generator.base_filters=8", "generator.n_blocks=1",
-        "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1", "victim.stem=standard", "batch_size=64"]
-
-
-def tiny_config(data_dir, run_dir, *extra: str) -> dict:
-    return load_config(REPO / "configs" / "digits.yaml",
-                       [*TINY, f"data_dir={data_dir}", f"run_dir={run_dir}", *extra])
-
-
-@pytest.fixture(scope="module")
-def finished_run(digits_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run") / "digits"
-    cfg = tiny_config(digits_dir, run_dir)
-    comm, run = start(cfg)
-    run_all(cfg, comm, run)
-    return cfg, run
-
 
 def test_protected_images_stay_within_epsilon(finished_run, digits_dir):
     cfg, run = finished_run
@@ -54,8 +34,13 @@ def test_protected_images_stay_within_epsilon(finished_run, digits_dir):
 
 
 def test_secret_perturbations_stay_out_of_the_export(finished_run):
+    """Whatever reproduces delta is owner-only: delta itself, the generators and their
+    checkpoint, and the surrogate and clusters they were trained from (with the seed)."""
     _, run = finished_run
-    assert stat.S_IMODE(run.perturbations.stat().st_mode) == 0o600
+    for path in (run.perturbations, run.generators, run.surrogate, run.clusters,
+                 *([run.checkpoint] if run.checkpoint.exists() else [])):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(run.generators.parent.stat().st_mode) == 0o700
     with h5py.File(run.perturbations) as f:
         assert f["delta"].shape == (10, 1, 28, 28)
     assert not any("perturb" in p.name for p in run.protected.iterdir())
