@@ -91,8 +91,9 @@ class Comm:
         return self.rank == 0
 
     # ---- tensor collectives -------------------------------------------------------------
-    def allreduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
-        """Return the element-wise sum or mean of ``tensor`` over all ranks."""
+    def allreduce(self, tensor: torch.Tensor, op: str = "mean", name: str | None = None) -> torch.Tensor:
+        """Return the element-wise sum or mean of ``tensor`` over all ranks. ``name``: the call
+        site's stable name (Horovod's response cache hits only for a name seen before)."""
         _check_op(op)
         if self.size == 1:
             return tensor.detach().clone()
@@ -191,10 +192,10 @@ class HorovodComm(Comm):
         if (hvd.rank(), hvd.size()) != (self.rank, self.size):
             raise RuntimeError(f"horovod sees rank {hvd.rank()}/{hvd.size()}, MPI {self.rank}/{self.size}")
 
-    def allreduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    def allreduce(self, tensor: torch.Tensor, op: str = "mean", name: str | None = None) -> torch.Tensor:
         _check_op(op)
         hvd_op = self.hvd.Average if op == "mean" else self.hvd.Sum
-        return self.hvd.allreduce(tensor, op=hvd_op)
+        return self.hvd.allreduce(tensor, op=hvd_op, name=name)
 
     def broadcast_model(self, model: torch.nn.Module, root: int = 0) -> None:
         if self.size > 1:
@@ -222,7 +223,7 @@ class TorchComm(Comm):
             dist.init_process_group(kind, init_method=f"tcp://{address[0]}:{address[1]}",
                                     rank=self.rank, world_size=self.size)
 
-    def allreduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    def allreduce(self, tensor: torch.Tensor, op: str = "mean", name: str | None = None) -> torch.Tensor:
         _check_op(op)
         out = tensor.detach().clone()
         self.dist.all_reduce(out, op=self.dist.ReduceOp.SUM)
@@ -242,8 +243,8 @@ class _AllreduceOptimizer:
     def synchronize(self) -> None:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
-        for bucket in _buckets(grads):
-            flat = self.comm.allreduce(torch.cat([g.reshape(-1) for g in bucket]), op="mean")
+        for i, bucket in enumerate(_buckets(grads)):
+            flat = self.comm.allreduce(torch.cat([g.reshape(-1) for g in bucket]), op="mean", name=f"grads.{i}")
             offset = 0
             for g in bucket:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))

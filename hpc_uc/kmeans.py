@@ -151,7 +151,7 @@ def kmeans(features_local: torch.Tensor, k: int, comm=None, seed: int = 0, iters
     d = x.shape[1]
     sq, moments = _row_norms_and_moments(x)
     stats = comm.allreduce(torch.cat([moments, torch.tensor([float(len(x))], dtype=torch.float64,
-                                                            device=dev)]), op="sum")
+                                                            device=dev)]), op="sum", name="kmeans.moments")
     n_total = int(stats[-1])
     if n_total < k:
         raise UserError(f"k-means with k={k} needs at least {k} samples, got {n_total}")
@@ -164,7 +164,7 @@ def kmeans(features_local: torch.Tensor, k: int, comm=None, seed: int = 0, iters
         a, dist, sums = _assign(x, sq, c)
         packed = torch.cat([sums.flatten(),
                             torch.bincount(a, minlength=k).to(torch.float64)])
-        packed = comm.allreduce(packed, op="sum")
+        packed = comm.allreduce(packed, op="sum", name="kmeans.sums")
         sums, counts = packed[:k * d].view(k, d), packed[k * d:]
         new = sums / counts.clamp_min(1)[:, None]
         empty = torch.nonzero(counts == 0).flatten().tolist()
@@ -179,7 +179,7 @@ def kmeans(features_local: torch.Tensor, k: int, comm=None, seed: int = 0, iters
             break
     c = torch.from_numpy(comm.broadcast(c.to(torch.float32).cpu().numpy(), root=0)).to(dev)
     a, dist, _ = _assign(x, sq, c.to(torch.float64))
-    inertia = float(comm.allreduce(dist.sum().reshape(1), op="sum")[0])
+    inertia = float(comm.allreduce(dist.sum().reshape(1), op="sum", name="kmeans.inertia")[0])
     return KMeansResult(c, a, inertia, it)
 
 

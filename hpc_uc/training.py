@@ -91,7 +91,7 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
     step = 0
     for epoch in range(epochs):
         model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=comm.device)
         batches = train_ds.batches(batch_per_rank, epoch=epoch, shuffle=True, drop_last=True)
         aug_gen = epoch_generator(seed, comm.rank, epoch)
         for images, labels, _ in progress(batches, comm, f"epoch {epoch + 1}/{epochs}", steps_per_epoch):
@@ -111,9 +111,10 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
             loss = loss_fn(out[0] if isinstance(out, tuple) else out)
             loss.backward()
             opt.step()
-            loss_sum += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
+            loss_sum[0] += loss.detach().double() * len(images)  # on the device: no sync per step
+            loss_sum[1] += len(images)
             step += 1
-        loss_sum = comm.allreduce(loss_sum, op="sum")
+        loss_sum = comm.allreduce(loss_sum, op="sum", name="classifier.loss").cpu()
         if on_epoch is not None:
             on_epoch(epoch, float(loss_sum[0] / max(1.0, loss_sum[1])))
 

@@ -90,3 +90,33 @@ def test_hung_job_is_killed_with_all_its_ranks(tmp_path):
     assert len(pids) == 2
     time.sleep(0.5)
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def test_every_allreduce_call_site_has_a_stable_name():
+    """Horovod caches the negotiation of a collective by tensor name; an unnamed call gets a
+    new name each time and fills the cache ("A response has been evicted from cache")."""
+    import ast
+
+    from conftest import REPO
+
+    unnamed = []
+    for path in sorted((REPO / "hpc_uc").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "allreduce"
+                    and not any(k.arg == "name" for k in node.keywords)):
+                unnamed.append(f"{path.name}:{node.lineno}")
+    assert not unnamed, unnamed
+
+
+def test_horovod_allreduce_passes_the_name():
+    import torch
+
+    from hpc_uc.comm import HorovodComm
+
+    calls = []
+    fake = type("hvd", (), {"Average": "avg", "Sum": "sum",
+                            "allreduce": staticmethod(lambda t, op, name: calls.append((op, name)) or t)})
+    comm = HorovodComm.__new__(HorovodComm)
+    comm.hvd = fake
+    comm.allreduce(torch.ones(2), op="sum", name="generator.loss")
+    assert calls == [("sum", "generator.loss")]
