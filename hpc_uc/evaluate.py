@@ -32,7 +32,7 @@ from .comm import Comm
 from .config import check_world, scaled_lr
 from .defenses import build_defense
 from .export import read_whole_split
-from .imperceptibility import imperceptibility
+from .imperceptibility import parallel_imperceptibility
 from .metrics import chance_accuracy, medmnist_metrics
 from .models import ResNetClassifier, ResNetWithFeature, victim_model
 from .protection import protection_figures
@@ -224,6 +224,7 @@ def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
         protocols[protocol] = victims
     torch.manual_seed(cfg["seed"])  # the floor of the re-fit: features of a network that learned nothing
     untrained = measure(cfg, build_victim(cfg, splits.test.manifest).to(comm.device), splits, comm)
+    quality = parallel_imperceptibility(cfg["data_dir"], run.protected, comm)  # each rank its own range
     results = None
     if comm.is_root:
         from .victim_curves import plot_victims
@@ -233,19 +234,16 @@ def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
         for victims in protocols.values():
             for d in victims["defenses"].values():
                 d.pop("history")
-        results = build_results(cfg, comm, run, protocols, untrained)
+        results = build_results(cfg, comm, run, protocols, untrained, quality)
         write_json(run.results, results)
     comm.barrier()
     return results or {}
 
 
-def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict, untrained: dict) -> dict:
+def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict, untrained: dict, quality: dict) -> dict:
     """The results.json document (docs/results.md describes every field)."""
     source = read_json(f"{cfg['data_dir']}/manifest.json")
     _, test_labels, _ = read_whole_split(cfg["data_dir"], "test")
-    clean_train, _, _ = read_whole_split(cfg["data_dir"], "train")
-    prot_train, _, _ = read_whole_split(run.protected, "train")
-    quality = imperceptibility(clean_train, prot_train)
     surrogate = read_json(run.surrogate_info) if run.surrogate_info.is_file() else {}
     timings = read_json(run.timings) if run.timings.is_file() else {}
     chance = chance_accuracy(test_labels, source["task"])

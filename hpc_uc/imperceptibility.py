@@ -8,7 +8,9 @@ All four numbers compare the stored uint8 images (N×H×W×C) in [0, 1] units (v
 * ``linf``: largest absolute pixel difference over the set.
 * ``l2``: mean over images of the L2 norm of the whole-image difference (C·H·W values).
 
-Images are processed ``batch_size`` at a time so memory stays bounded.
+Each rank measures its own range of the training split and only six sums cross the ranks
+(:func:`parallel_imperceptibility`), equal to :func:`imperceptibility` of the whole set; images
+go through SSIM in batches of a bounded number of pixels, so memory stays bounded at any size.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import math
 
 import numpy as np
 import torch
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from .errors import UserError
+
+BATCH_VALUES = 1 << 22  # float64 values per SSIM batch (32 MiB): 83 images at 224 px RGB
 
 
 def _batch(images: np.ndarray, start: int, stop: int) -> torch.Tensor:
@@ -26,29 +30,60 @@ def _batch(images: np.ndarray, start: int, stop: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images[start:stop])).permute(0, 3, 1, 2).double() / 255.0
 
 
-def imperceptibility(clean: np.ndarray, protected: np.ndarray,
-                     batch_size: int = 256) -> dict[str, float | None]:
-    """{"psnr_db", "ssim", "linf", "l2"} of ``protected`` against ``clean`` (see module doc)."""
-    if clean.shape != protected.shape or clean.ndim != 4 or len(clean) == 0:
-        raise UserError(f"need two non-empty N×H×W×C image sets of one shape, "
-                        f"got {clean.shape} and {protected.shape}")
+def _check(clean: np.ndarray, protected: np.ndarray) -> None:
+    if clean.shape != protected.shape or clean.ndim != 4:
+        raise UserError(f"need two N×H×W×C image sets of one shape, got {clean.shape} and {protected.shape}")
     if clean.dtype != np.uint8 or protected.dtype != np.uint8:
         raise UserError(f"images must be uint8, got {clean.dtype} and {protected.dtype}")
-    # Computed by one process on the whole set: no torch.distributed sync (it would wait for
-    # ranks that never call it).
-    psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).double()
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).double()
-    linf, l2_sum = 0.0, 0.0
-    for start in range(0, len(clean), batch_size):
-        x = _batch(clean, start, start + batch_size)
-        y = _batch(protected, start, start + batch_size)
-        psnr.update(y, x)
-        ssim.update(y, x)
+
+
+def imperceptibility_sums(clean: np.ndarray, protected: np.ndarray, batch_values: int = BATCH_VALUES) -> np.ndarray:
+    """[squared error, pixel values, SSIM, images, L2, L-inf] of one part of a set (sums, and
+    a maximum for L-inf): what ranks combine."""
+    _check(clean, protected)
+    sums = np.zeros(6)
+    batch = max(1, batch_values // max(1, int(np.prod(clean.shape[1:]))))
+    for start in range(0, len(clean), batch):
+        x, y = _batch(clean, start, start + batch), _batch(protected, start, start + batch)
         diff = (y - x).flatten(1)
-        linf = max(linf, float(diff.abs().max()))
-        l2_sum += float(diff.norm(dim=1).sum())
-    psnr_db = float(psnr.compute())
-    return {"psnr_db": psnr_db if math.isfinite(psnr_db) else None,
-            "ssim": float(ssim.compute()),
-            "linf": linf,
-            "l2": l2_sum / len(clean)}
+        ssim = structural_similarity_index_measure(y, x, data_range=1.0, reduction="none")
+        sums += [float((diff ** 2).sum()), diff.numel(), float(ssim.sum()), len(x),
+                 float(diff.norm(dim=1).sum()), 0.0]
+        sums[5] = max(sums[5], float(diff.abs().max()))
+    return sums
+
+
+def combine(parts: list[np.ndarray]) -> dict[str, float | None]:
+    """{"psnr_db", "ssim", "linf", "l2"} from the sums of every part."""
+    total = np.sum(parts, axis=0)
+    if total[3] == 0:
+        raise UserError("no images to compare")
+    mse = total[0] / total[1]
+    psnr = 10 * math.log10(1.0 / mse) if mse > 0 else None
+    return {"psnr_db": psnr, "ssim": total[2] / total[3], "linf": float(max(p[5] for p in parts)),
+            "l2": total[4] / total[3]}
+
+
+def imperceptibility(clean: np.ndarray, protected: np.ndarray,
+                     batch_values: int = BATCH_VALUES) -> dict[str, float | None]:
+    """{"psnr_db", "ssim", "linf", "l2"} of ``protected`` against ``clean``, one process."""
+    if len(clean) == 0:
+        raise UserError("need two non-empty image sets")
+    return combine([imperceptibility_sums(clean, protected, batch_values)])
+
+
+def parallel_imperceptibility(clean_dir, protected_dir, comm, split: str = "train",
+                              batch_values: int = BATCH_VALUES) -> dict[str, float | None]:
+    """The same four numbers, each rank reading only its own range of both shard sets
+    (collective; every rank gets the result)."""
+    from .reader import ShardedDataset
+
+    clean_images, _, clean_index = ShardedDataset(clean_dir, split, comm, full=True).local_arrays()
+    prot_images, _, prot_index = ShardedDataset(protected_dir, split, comm, full=True).local_arrays()
+    ok = np.array_equal(clean_index, prot_index)
+    sums = imperceptibility_sums(clean_images, prot_images, batch_values) if ok else None
+    parts = comm.allgather(sums)
+    if any(p is None for p in parts):
+        raise UserError(f"{protected_dir}: its {split} samples are not in the order of {clean_dir}'s "
+                        f"(was it exported from other data?)")
+    return combine(parts)

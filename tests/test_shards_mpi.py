@@ -127,3 +127,21 @@ def test_prepare_cli_under_mpirun(comm, shared_dir):
     manifest = read_manifest(shared_dir / "out")
     assert comm.allgather(manifest["splits"]) == [manifest["splits"]] * comm.size
     verify(shared_dir / "out")
+
+
+def test_parallel_imperceptibility_equals_one_process(comm, shared_dir):
+    """Each rank measures its own range (other shard layouts for the two sets, one image per
+    SSIM batch): the four numbers equal one process's over the whole arrays."""
+    from hpc_uc.imperceptibility import imperceptibility, parallel_imperceptibility
+
+    rng = np.random.default_rng(3)
+    clean = rng.integers(0, 256, (23, 16, 16, 3), dtype=np.uint8)
+    noisy = np.clip(clean.astype(int) + rng.integers(-9, 10, clean.shape), 0, 255).astype(np.uint8)
+    for name, images, shards in (("clean", clean, 5), ("protected", noisy, comm.size)):
+        with ShardSetWriter(shared_dir / name, comm) as w:
+            for i, (lo, hi) in enumerate(shard_bounds(23, shards)):
+                if i % comm.size == comm.rank:
+                    w.write("train", images[lo:hi], np.zeros((hi - lo, 1)), np.arange(lo, hi), i, shards)
+            w.commit(make_manifest("toy", "binary-class", 3, 16, ["a", "b"], {"file": "toy", "md5": None}))
+    got = parallel_imperceptibility(shared_dir / "clean", shared_dir / "protected", comm, batch_values=16 * 16 * 3)
+    assert got == pytest.approx(imperceptibility(clean, noisy), rel=1e-9)
