@@ -58,6 +58,11 @@ DEFAULTS: dict[str, Any] = {
         "augment": False,         # expectation over the ue victim's crop + flip in the loss
         "boundary": "clip",       # clip | reflect: how x + delta stays in [0, 1]
         "bf16": False,            # autocast bf16 (GPU/CPUs with bf16 support)
+        "micro_batch": 0,         # images per surrogate forward per rank (0: the whole local
+                                  # batch; with train_on=all, K x it): bounds activation memory
+    },
+    "export": {
+        "npz": True,              # also write RUN_DIR/protected.npz (MedMNIST's layout, streamed)
     },
     "refine": {                   # per-sample refinement of the cluster delta at export
         "steps": 0,               # projected signed-gradient steps of UC's loss per image (0: off)
@@ -134,8 +139,8 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "generator.min_lr": ("number", 0, INF), "generator.weight_decay": ("number", 0, INF),
     "generator.base_filters": ("int", 1, INF), "generator.n_down": ("int", 0, 6),
     "generator.n_blocks": ("int", 0, INF), "generator.augment": ("bool", None, None),
-    "generator.bf16": ("bool", None, None),
-    "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
+    "generator.bf16": ("bool", None, None), "generator.micro_batch": ("int", 0, INF),
+    "export.npz": ("bool", None, None), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
     "victim.milestones": ("list", None, None),

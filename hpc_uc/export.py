@@ -8,17 +8,16 @@ RUN_DIR/perturbations.h5 and never enter the export.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
 from .comm import Comm
 from .config import config_hash
 from .diskspace import require_free
 from .generator import add_perturbation, cluster_of_index, load_perturbations, load_targets
 from .reader import ShardedDataset
 from .rundir import RunDir
+from .npz_stream import CHUNK_BYTES, write_medmnist_npz
 from .shards import ShardSetWriter
 
 
@@ -68,19 +67,23 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     others = [s for s in source["splits"] if s != "train"]
     with ShardSetWriter(run.protected, comm, overwrite=True) as writer:
         writer.write("train", protected, labels, index, shard_id=comm.rank, num_shards=comm.size)
-        clean = {}
         if comm.is_root:
-            for split in others:
-                clean[split] = read_whole_split(cfg["data_dir"], split)
-                writer.write(split, *clean[split], shard_id=0, num_shards=1)
+            for split in others:  # copied untouched, a bounded chunk at a time
+                clean = ShardedDataset(cfg["data_dir"], split, None, full=True, cache="never")
+                rows = max(1, CHUNK_BYTES // image_bytes)
+                shards = max(1, -(-clean.num_samples // rows))
+                for i, chunk in enumerate(clean.chunks_by_index(rows)):
+                    writer.write(split, *chunk, shard_id=i, num_shards=shards)
+                clean.close()
         writer.commit(manifest)
-    parts = comm.gather((protected, labels, index))
+    del protected, images
     if comm.is_root:
-        order = np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")
-        train = (np.concatenate([p[0] for p in parts])[order], np.concatenate([p[1] for p in parts])[order])
-        write_medmnist_npz(run.protected_npz, {"train": train, **{s: clean[s][:2] for s in others}})
-        print(f"export: {len(order)} protected training images -> {run.protected} and {run.protected_npz}",
-              flush=True)
+        if cfg["export"]["npz"]:  # streamed from the shards just written: one chunk in memory
+            write_medmnist_npz(run.protected_npz, run.protected)
+        elif run.protected_npz.exists():
+            run.protected_npz.unlink()  # it would describe an earlier export
+        print(f"export: {data.num_samples} protected training images -> {run.protected}"
+              + (f" and {run.protected_npz}" if cfg["export"]["npz"] else ""), flush=True)
     comm.barrier()
     return {"train_images": int(data.num_samples)}
 
@@ -117,15 +120,3 @@ def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}
-
-
-def write_medmnist_npz(path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """MedMNIST's key layout: `<split>_images` (N×H×W gray or N×H×W×3) and `<split>_labels` (uint8 N×L)."""
-    arrays = {}
-    for split, (images, labels) in splits.items():
-        arrays[f"{split}_images"] = images[..., 0] if images.shape[-1] == 1 else images
-        arrays[f"{split}_labels"] = labels.astype(np.uint8)
-    require_free(Path(path).parent, sum(a.nbytes for a in arrays.values()), Path(path).name)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)

@@ -125,6 +125,26 @@ class ShardedDataset:
         dealt = np.concatenate([np.arange(k * b, min((k + 1) * b, n)) for k in blocks])
         return np.sort(dealt[self.start:self.stop]).astype(np.int64)
 
+    def labels_by_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels, index)`` of the whole split (``full=True``) in ascending sample index
+        (small: no images are read)."""
+        shards = [self._shard(i) for i in range(len(self._offsets) - 1)]
+        index = np.concatenate([s.index for s in shards])
+        order = np.argsort(index, kind="stable")
+        return np.concatenate([s.labels for s in shards])[order], index[order]
+
+    def chunks_by_index(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The whole split (``full=True``, one process) as ``(images, labels, index)`` chunks of
+        at most ``rows`` samples, in ascending sample index: memory bounded by one chunk."""
+        index = np.concatenate([self._shard(i).index for i in range(len(self._offsets) - 1)])
+        order = np.argsort(index, kind="stable")
+        for lo in range(0, len(order), rows):
+            want = order[lo:lo + rows]
+            sorted_positions = np.sort(want)
+            arrays = self._read(sorted_positions)
+            where = np.searchsorted(sorted_positions, want)
+            yield tuple(a[where] for a in arrays)
+
     def local_arrays(self, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(images uint8 N×H×W×C, labels int64 N×L, index int64 N)`` of this rank, in global order."""
         return self._arrays(epoch) if self.cached else self._read(self.positions(epoch))

@@ -16,7 +16,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                   "warmup_epochs"),
     "cluster": ("clusters", "kmeans"),
     "train": ("batch_size", "epsilon", "norm", "target_offset", "generator"),
-    "export": ("refine",),
+    "export": ("refine", "export"),
     "evaluate": ("victim", "defenses", "defense", "evaluate"),
 }
 STAGES = tuple(STAGE_KEYS)

@@ -53,6 +53,10 @@ def test_protected_npz_has_medmnist_layout(finished_run, digits_dir):
                                            for k in ("images", "labels"))
         assert npz["train_images"].dtype == np.uint8 and npz["train_images"].shape[1:] == (28, 28)
         assert npz["train_labels"].dtype == np.uint8 and npz["train_labels"].shape[1] == 1
+        images, labels, index = read_whole_split(run.protected, "train")  # the shards, by sample id
+        order = np.argsort(index)
+        assert np.array_equal(npz["train_images"], images[order][..., 0])
+        assert np.array_equal(npz["train_labels"], labels[order])
 
 
 def test_results_follow_schema_and_report_exists(finished_run):
