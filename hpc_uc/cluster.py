@@ -45,14 +45,10 @@ def run_cluster(cfg: dict, comm: Comm, run: RunDir) -> dict:
     km = cfg["kmeans"]
     result = kmeans(feats, cfg["clusters"], comm, seed=cfg["seed"], iters=km["iters"], tol=km["tol"],
                     init_sample=km["init_sample"])
-    parts = comm.gather((index, result.assignments.cpu().numpy(), labels))
+    gathered = comm.gather_rows((result.assignments.cpu().numpy(), labels), index)
     info = {"inertia": result.inertia, "iterations": result.iterations}
     if comm.is_root:
-        index = np.concatenate([p[0] for p in parts])
-        assignment = np.concatenate([p[1] for p in parts])
-        labels = np.concatenate([p[2] for p in parts])
-        order = np.argsort(index, kind="stable")
-        index, assignment, labels = index[order], assignment[order], labels[order]
+        (assignment, labels), index = gathered
         sizes = np.bincount(assignment, minlength=cfg["clusters"])
         purity = cluster_purity(assignment, labels, cfg["clusters"])
         majority, best = _purity_bounds(labels, cfg["clusters"])

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 BACKENDS = ("auto", "horovod", "torch", "mpi")
+GATHER_CHUNK_BYTES = 256 << 20  # per message: far below Open MPI's 2 GiB limit per rank
 _CACHE: dict[str, "Comm"] = {}
 
 
@@ -128,6 +129,31 @@ class Comm:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu()
         return self.mpi.gather(value, root=root)
+
+    def gather_rows(self, arrays: Iterable[np.ndarray], index: np.ndarray, root: int = 0,
+                    chunk_bytes: int = GATHER_CHUNK_BYTES) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """Every rank's rows of ``arrays`` (each N_local × ...) on ``root``, ordered by the
+        global sample ``index`` (N_local), as ``(arrays, index)``; None elsewhere.
+
+        Rows travel in rounds of at most ``chunk_bytes`` per rank, so no message nears MPI's
+        2 GiB limit, whatever a rank holds. Meant for per-sample results (features,
+        assignments, scores), not for images: those move through files."""
+        arrays, index = [np.asarray(a) for a in arrays], np.asarray(index)
+        row_bytes = index.itemsize + sum(a.itemsize * int(np.prod(a.shape[1:])) for a in arrays)
+        rows = max(1, chunk_bytes // row_bytes)
+        rounds = max(self.allgather(-(-len(index) // rows)))
+        pieces = []
+        for r in range(rounds):
+            part = self.gather(([a[r * rows:(r + 1) * rows] for a in arrays], index[r * rows:(r + 1) * rows]), root)
+            if self.rank == root:
+                pieces += [p for p in part if len(p[1])]
+        if self.rank != root:
+            return None
+        if not pieces:
+            return arrays, index
+        order = np.argsort(np.concatenate([p[1] for p in pieces]), kind="stable")
+        merged = [np.concatenate([p[0][j] for p in pieces])[order] for j in range(len(arrays))]
+        return merged, np.concatenate([p[1] for p in pieces])[order]
 
     def allgather(self, value: Any) -> list:
         """Gather one value per rank on every rank, in rank order."""

@@ -138,14 +138,11 @@ def predict(model: torch.nn.Module, full_ds, comm: Comm, batch_per_rank: int = 2
     local = (torch.cat(scores).numpy() if scores else np.zeros((0, 0), np.float32),
              torch.cat(labels).numpy() if labels else np.zeros((0, 1), np.int64),
              torch.cat(index).numpy() if index else np.zeros(0, np.int64))
-    parts = comm.gather(local)
-    if not comm.is_root:
+    gathered = comm.gather_rows(local[:2], local[2])
+    if gathered is None:
         return None
-    parts = [p for p in parts if len(p[2])]
-    s = np.concatenate([p[0] for p in parts])
-    y = np.concatenate([p[1] for p in parts])
-    order = np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")
-    return s[order], y[order]
+    (s, y), _ = gathered
+    return s, y
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray, task: str) -> float:
