@@ -202,14 +202,51 @@ def generator_loss(surrogate: nn.Module, x: torch.Tensor, idx: torch.Tensor, del
     """
     augment = augment or (lambda images: images)
     if train_on == "all":
-        k, b = delta.shape[0], x.shape[0]
-        xp = augment(add_perturbation(x.unsqueeze(0), delta.unsqueeze(1), boundary).flatten(0, 1))
-        _, feats = surrogate(xp)
-        target = targets.target_probs.repeat_interleave(b, dim=0)
-        return kl_to_target(feats, target).view(k, b).mean(1).sum()
+        return _all_loss(surrogate, x, delta, targets, slice(None), augment, boundary)
     c = targets.clusters(idx)
     _, feats = surrogate(augment(add_perturbation(x, delta[c], boundary)))
     return kl_to_target(feats, targets.target_probs[c]).mean()
+
+
+def accumulate_generator_loss(surrogate: nn.Module, x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor,
+                              targets: ClusterTargets, train_on: str, micro_batch: int,
+                              augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                              boundary: str = "clip", bf16: bool = False) -> torch.Tensor:
+    """:func:`generator_loss` with its gradient accumulated into ``delta.grad`` over pieces of
+    at most ``micro_batch`` images per surrogate forward (0: the whole local batch at once);
+    returns the loss (detached). With ``train_on=all`` a piece is a block of (generator,
+    sample) pairs, so K x the batch never goes through the surrogate at once. Without
+    ``augment`` the gradient equals the un-chunked one (within float tolerance); with it, each
+    piece draws its own crops."""
+    b = x.shape[0]
+    k = delta.shape[0] if train_on == "all" else 1
+    if micro_batch <= 0 or micro_batch >= k * b:
+        pieces = [(slice(None), slice(None))]
+    else:
+        per_gen = max(1, min(b, micro_batch))  # samples per piece; generators per piece if all of them fit
+        gens = max(1, micro_batch // b) if per_gen == b else 1
+        pieces = [(slice(g0, g0 + gens), slice(s0, s0 + per_gen)) for g0 in range(0, k, gens)
+                  for s0 in range(0, b, per_gen)]
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for gens, samples in pieces:
+        xs, ids = x[samples], idx[samples]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if train_on == "all":
+                part = _all_loss(surrogate, xs, delta, targets, gens, augment, boundary) * (len(xs) / b)
+            else:
+                part = generator_loss(surrogate, xs, ids, delta, targets, train_on, augment, boundary) * (len(xs) / b)
+        part.backward()
+        total += part.detach().double()
+    return total
+
+
+def _all_loss(surrogate, x, delta, targets: ClusterTargets, gens: slice, augment, boundary: str) -> torch.Tensor:
+    """``train_on=all`` restricted to generators ``gens``: sum over them of the mean KL."""
+    augment = augment or (lambda images: images)
+    d, probs = delta[gens], targets.target_probs[gens]
+    xp = augment(add_perturbation(x.unsqueeze(0), d.unsqueeze(1), boundary).flatten(0, 1))
+    _, feats = surrogate(xp)
+    return kl_to_target(feats, probs.repeat_interleave(x.shape[0], dim=0)).view(d.shape[0], -1).mean(1).sum()
 
 
 CHECKPOINT_FORMAT = 2  # 2: one Adam per generator (world-size independent)
@@ -261,9 +298,8 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
         for i, (x, _, idx) in enumerate(progress(batches, comm, f"generators {epoch + 1}/{g['epochs']}", steps)):
             step_lr = lr_at(epoch * steps + i, total, warmup, lr, g["min_lr"])
             own, delta = bank.forward()
-            with torch.autocast(comm.device.type, dtype=torch.bfloat16, enabled=g["bf16"]):
-                loss = generator_loss(surrogate, x, idx, delta, targets, g["train_on"], augment, g["boundary"])
-            loss.backward()
+            loss = accumulate_generator_loss(surrogate, x, idx, delta, targets, g["train_on"], g["micro_batch"],
+                                             augment, g["boundary"], g["bf16"])
             bank.step(own, delta, step_lr)
             loss_sum[0] += loss.detach().double()  # on the device: no sync per step
             loss_sum[1] += 1
