@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,3 +130,37 @@ def test_sweep_over_seeds_writes_tables_and_resumes(clustered, digits_dir, tmp_p
     third = hpc_uc([*args, "0,1"], np=2)  # everything done: no stage runs
     assert third.returncode == 0, third.stderr
     assert third.stdout.count("up to date, skipped") == 2 * (2 + 2 * 3) and " done in " not in third.stdout
+
+
+def test_224px_rgb_pipeline_on_two_ranks(tmp_path):
+    """The size the paper ran at (its configs: Pets, Flowers102, MedMNIST at 224): real
+    BreastMNIST images upscaled to 224 px RGB in PathMNIST's layout, the whole pipeline on 2
+    ranks with tiny epochs. Before the SSIM batches were bounded, evaluate asked for 62 GB."""
+    from PIL import Image
+
+    from conftest import SHARED_DATA
+
+    with np.load(SHARED_DATA / "breastmnist.npz") as src:
+        def upscale(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+            images = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BILINEAR).convert("RGB"))
+                               for im in src[f"{split}_images"][:n]])
+            return images, src[f"{split}_labels"][:n]
+        arrays = {}
+        for split, n in (("train", 24), ("val", 8), ("test", 8)):
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = upscale(split, n)
+    np.savez(tmp_path / "pathmnist_224.npz", **arrays)
+    data, run = tmp_path / "data", tmp_path / "run"
+    prep = run_job([*mpirun(2), sys.executable, "-m", "data_prep", "medmnist", "pathmnist", "--npz",
+                    str(tmp_path / "pathmnist_224.npz"), "--size", "224", "--allow-md5-mismatch", "--shards", "2",
+                    "--out", str(data)])
+    assert prep.returncode == 0, prep.stderr
+    proc = hpc_uc(["run", str(REPO / "configs" / "pathmnist.yaml"), "profile=fast", f"data_dir={data}",
+                   f"run_dir={run}", "clusters=2", "batch_size=8", "surrogate.batch_size=8", "victim.batch_size=8",
+                   "surrogate.epochs=1", "surrogate.stem=standard", "generator.epochs=1", "generator.base_filters=8",
+                   "generator.n_blocks=1", "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1",
+                   "victim.stem=standard", "evaluate.recalibrate_samples=4", "backend=torch"], np=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and 0 < results["linf"] <= 16 / 255 + 1e-6 and results["ssim"] < 1
+    with np.load(run / "protected.npz") as npz:
+        assert npz["train_images"].shape == (24, 224, 224, 3)
