@@ -47,7 +47,7 @@ class _LocalComm:
 
     rank, size = 0, 1
 
-    def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    def allreduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None) -> torch.Tensor:
         return tensor.clone()
 
     def broadcast(self, value: Any, root: int = 0) -> Any:
