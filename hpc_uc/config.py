@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "clusters": 10,
     "target_offset": 1,
     "cache": "auto",              # reader cache: auto | always | never
+    "cache_budget_mib": 0,        # per rank, for cache=auto (0: a quarter of the node's free
+                                  # memory shared by its local ranks)
     "resume": False,
     "surrogate": {
         "arch": "resnet18",       # resnet18 | resnet50
@@ -129,7 +131,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "dataset": ("text", None, None), "data_dir": ("text", None, None), "run_dir": ("text", None, None),
     "seed": ("int", 0, 2**32 - 1), "batch_size": ("int", 1, INF), "base_batch_size": ("int", 1, INF),
     "warmup_epochs": ("int", 0, INF), "clusters": ("int", 2, INF), "target_offset": ("int", 1, INF),
-    "resume": ("bool", None, None), "defenses": ("list", None, None),
+    "resume": ("bool", None, None), "defenses": ("list", None, None), "cache_budget_mib": ("number", 0, INF),
     "surrogate.weights": ("text", None, None), "surrogate.epochs": ("int", 0, INF),
     "surrogate.lr": ("number", 0, INF), "surrogate.weight_decay": ("number", 0, INF),
     "surrogate.batch_size": ("int", 1, INF), "surrogate.input_size": ("int?", 8, INF),

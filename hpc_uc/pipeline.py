@@ -64,6 +64,9 @@ def start(cfg: dict):
     from .comm import get_comm
     from .surrogate import check_weights_file
 
+    from .reader import set_cache_budget
+
+    set_cache_budget(cfg["cache_budget_mib"])
     comm = get_comm(cfg["backend"])
     check_ranks(cfg, comm.size, manifest["splits"]["train"]["count"])
     check_weights_file(cfg, manifest)

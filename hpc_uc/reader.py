@@ -24,6 +24,22 @@ CACHE_RAM_FRACTION = 0.25
 SPAN_READ_BYTES = 8 << 20  # read a covering slice instead of single rows up to this size
 
 
+_CACHE_BUDGET: list[int | None] = [None]  # bytes per rank; None: auto
+
+
+def set_cache_budget(mib: float) -> None:
+    """The per-rank budget ``cache: auto`` caches within (``cache_budget_mib``; 0: auto)."""
+    _CACHE_BUDGET[0] = int(mib * 2**20) if mib > 0 else None
+
+
+def cache_budget(local_ranks: int = 1) -> int:
+    """Bytes this rank may cache: the configured budget, else a quarter of the node's
+    available memory shared by the ranks on it."""
+    if _CACHE_BUDGET[0] is not None:
+        return _CACHE_BUDGET[0]
+    return int(CACHE_RAM_FRACTION * available_ram() / max(1, local_ranks))
+
+
 def available_ram() -> int:
     """Bytes of physical memory available now (0 when the OS does not say)."""
     try:
@@ -75,7 +91,7 @@ class ShardedDataset:
         self._shards: dict[int, _Shard] = {}
         image_bytes = self.image_size ** 2 * self.channels
         self.cached = cache == "always" or (cache == "auto" and len(self) * image_bytes
-                                             < CACHE_RAM_FRACTION * available_ram())
+                                             <= cache_budget(getattr(comm, "local_size", 1)))
         self._cache: tuple[int | None, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         self._touch(self.positions(0))
         if self.cached:

@@ -481,3 +481,24 @@ def test_mpirun_failure_on_one_rank_ends_job(tmp_path):
     assert result.returncode != 0
     assert "error: " in result.stderr and "003.png: cannot read image" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def test_cache_auto_follows_the_per_rank_budget(tmp_path, monkeypatch):
+    """cache=auto caches a rank's share only within its budget: the configured
+    cache_budget_mib, else a quarter of the node's free memory split over its local ranks."""
+    from hpc_uc.reader import set_cache_budget
+
+    build_set(tmp_path / "s", [100, 100], size=32)  # 200 x 1 KiB: 100 KiB per rank of 2
+    comm = SimpleNamespace(rank=0, size=2, device=CPU, local_size=2)
+    try:
+        set_cache_budget(0.2)  # 205 KiB: fits
+        assert ShardedDataset(tmp_path / "s", "train", comm, cache="auto").cached
+        set_cache_budget(0.05)  # 51 KiB: does not
+        assert not ShardedDataset(tmp_path / "s", "train", comm, cache="auto").cached
+        set_cache_budget(0)  # auto: 4 * 150 KiB of free memory over 2 local ranks = 75 KiB each
+        monkeypatch.setattr(reader_module, "available_ram", lambda: 4 * 150 * 1024)
+        assert not ShardedDataset(tmp_path / "s", "train", comm, cache="auto").cached
+        assert ShardedDataset(tmp_path / "s", "train", SimpleNamespace(rank=0, size=2, device=CPU, local_size=1),
+                              cache="auto").cached
+    finally:
+        set_cache_budget(0)
