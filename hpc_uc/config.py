@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "data_dir": "data/digits",
     "run_dir": "runs/digits",
     "seed": 0,
+    "method": "uc",               # uc (Unlearnable Clusters) | classwise (random class-wise noise)
     "backend": "auto",            # auto | horovod | torch | mpi
     "profile": "paper",           # paper (the reference settings) | fast (tests, demos)
     "batch_size": 64,             # global batch per optimizer step
@@ -109,6 +110,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {
+    "method": ("uc", "classwise"),
     "backend": ("auto", "horovod", "torch", "mpi"),
     "profile": tuple(PROFILES),
     "lr_scaling": ("none", "linear", "sqrt"),
@@ -282,6 +284,8 @@ def validate(cfg: dict) -> None:
     if not protocols or len(set(map(str, protocols))) != len(protocols) or not set(protocols) <= set(PROTOCOLS):
         raise UserError(f"evaluate.protocols must be a non-empty list of distinct names from "
                         f"{', '.join(PROTOCOLS)}, not {protocols!r}")
+    if cfg["method"] != "uc" and cfg["refine"]["steps"] > 0:
+        raise UserError(f"refine.steps refines UC's cluster perturbations; set it to 0 for method={cfg['method']}")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

@@ -255,6 +255,7 @@ def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict, untrained
     return {
         "results_version": RESULTS_VERSION,
         "dataset": source["dataset"],
+        "method": cfg["method"],
         "task": source["task"],
         "world_size": comm.size,
         "backend": comm.backend,

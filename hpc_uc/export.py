@@ -55,7 +55,7 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
                  "the export (protected/ and protected.npz)")
     images, labels, index = data.local_arrays()
     delta = load_perturbations(run.perturbations).transpose(0, 2, 3, 1)  # K×H×W×C
-    clusters = cluster_of_index(run.clusters)[index]
+    clusters = labels[:, 0] if cfg["method"] == "classwise" else cluster_of_index(run.clusters)[index]
     per_sample = delta[clusters]
     if cfg["refine"]["steps"] > 0:
         per_sample = refined(cfg, run, data.manifest, comm, images, per_sample, clusters)
@@ -110,10 +110,13 @@ def refined(cfg: dict, run: RunDir, manifest: dict, comm: Comm, images: np.ndarr
     return out
 
 
+METHOD_NAMES = {"uc": "unlearnable-clusters", "classwise": "class-wise-random-noise"}
+
+
 def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """What the manifest says about how the data was protected."""
     surrogate = cfg["surrogate"]
-    return {"method": "unlearnable-clusters", "epsilon": cfg["epsilon"], "norm": cfg["norm"],
+    return {"method": METHOD_NAMES[cfg["method"]], "epsilon": cfg["epsilon"], "norm": cfg["norm"],
             "clusters": cfg["clusters"], "target": cfg["generator"]["target"],
             "augment": cfg["generator"]["augment"],
             "boundary": cfg["generator"]["boundary"], "refine_steps": cfg["refine"]["steps"],

@@ -21,8 +21,12 @@ STAGE_FUNCS: dict[str, str] = {
 }
 
 
-def stage_function(name: str):
-    module, func = STAGE_FUNCS[name].split(":")
+# what the train stage runs for each protection method
+METHOD_FUNCS: dict[str, str] = {"uc": "generator:run_train", "classwise": "classwise:run_classwise"}
+
+
+def stage_function(name: str, method: str = "uc"):
+    module, func = (METHOD_FUNCS[method] if name == "train" else STAGE_FUNCS[name]).split(":")
     return getattr(importlib.import_module(f".{module}", __package__), func)
 
 
@@ -38,6 +42,8 @@ def check_data(cfg: dict) -> dict:
         if info["count"] < 1:
             raise UserError(f"{data_dir}: the {split} split is empty; prepare the data again with images in it")
     count = manifest["splits"]["train"]["count"]
+    if cfg["method"] == "classwise" and manifest["task"].startswith("multi-label"):
+        raise UserError(f"method=classwise needs one class per image; {data_dir} is {manifest['task']}")
     if cfg["clusters"] > count:
         raise UserError(f"clusters={cfg['clusters']} is more than the {count} training samples")
     return manifest
@@ -96,7 +102,7 @@ def run_stage(name: str, cfg: dict, comm, run: RunDir) -> dict:
         print(f"== {name} ({comm.backend}, {comm.size} rank{'s' if comm.size > 1 else ''}, "
               f"{comm.device})", flush=True)
     began = time.perf_counter()
-    info = stage_function(name)(cfg, comm, run)
+    info = stage_function(name, cfg["method"])(cfg, comm, run)
     seconds = time.perf_counter() - began
     if comm.is_root:
         run.mark_done(cfg, name)

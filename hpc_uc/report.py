@@ -95,7 +95,8 @@ def render(doc: dict) -> str:
                          f"{_fmt(doc['chance_acc'])}; the shares rest on a small gap -- train it longer)")
     lines += [
         "",
-        f"{doc['world_size']} rank(s), backend {doc['backend']}, global batch {doc['batch_size']}, "
+        f"method {doc.get('method', 'uc')}, {doc['world_size']} rank(s), backend {doc['backend']}, "
+        f"global batch {doc['batch_size']}, "
         f"epsilon {doc['epsilon']:.4f} ({doc['norm']}), K = {doc['clusters']}, profile {doc['profile']}, "
         f"seed {doc['seed']}, surrogate val acc {_fmt(doc['surrogate_val_acc'])}",
         "",

@@ -152,7 +152,7 @@ def test_missing_artifact_reruns_its_stage_and_the_later_ones(finished_run, tmp_
     cfg = {**cfg, "run_dir": str(run.root)}
     run.clusters.unlink()
     ran = []
-    monkeypatch.setattr(pipeline, "stage_function", lambda name: lambda c, comm, r: ran.append(name))
+    monkeypatch.setattr(pipeline, "stage_function", lambda name, method="uc": lambda c, comm, r: ran.append(name))
     comm, run = start(cfg)
     run_all(cfg, comm, run)
     assert ran == ["cluster", "train", "export", "evaluate"]
@@ -171,7 +171,7 @@ def test_config_yaml_describes_only_outputs_that_exist(finished_run, tmp_path, m
     def fails(c, comm, r):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(pipeline, "stage_function", lambda name: fails)
+    monkeypatch.setattr(pipeline, "stage_function", lambda name, method="uc": fails)
     with pytest.raises(RuntimeError):
         run_stage("train", changed, comm, run)
     assert run.config.read_bytes() == before

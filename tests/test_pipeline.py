@@ -121,3 +121,25 @@ def test_misspelled_defense_is_refused_before_any_work(digits_dir, tmp_path):
     with pytest.raises(UserError, match="unknown defense 'jpg10'"):
         start(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_classwise_method_end_to_end(finished_run, tmp_path):
+    """method=classwise: every image of a class carries its class's noise, within epsilon
+    after quantisation; the export names the method, results.json too."""
+    import shutil
+
+    cfg, run = finished_run
+    shutil.copytree(run.root, tmp_path / "cw")
+    other = tiny_config(cfg["data_dir"], tmp_path / "cw", "method=classwise")
+    comm, moved = start(other)
+    run_all(other, comm, moved)
+    clean, labels, index = read_whole_split(cfg["data_dir"], "train")
+    prot, _, prot_index = read_whole_split(moved.protected, "train")
+    prot = prot[np.argsort(prot_index)]
+    diff = prot.astype(np.int16) - clean.astype(np.int16)
+    assert np.abs(diff).max() <= math.floor(16 + 1e-6)
+    assert verify(moved.protected)["extra"]["protection"]["method"] == "class-wise-random-noise"
+    assert json.loads(moved.results.read_text())["method"] == "classwise"
+    with h5py.File(moved.perturbations) as f:
+        assert f["delta"].shape == (10, 1, 28, 28)  # one per digit class
+    assert stat.S_IMODE(moved.perturbations.stat().st_mode) == 0o600

@@ -142,3 +142,19 @@ def test_micro_batches_give_the_unchunked_gradient(surrogate, train_on, micro_ba
     chunked, chunked_loss = grad(micro_batch)
     assert torch.allclose(chunked, whole, rtol=1e-9, atol=1e-12) and chunked_loss == pytest.approx(loss, rel=1e-9)
     assert whole.abs().sum() > 0
+
+
+def test_classwise_noise_is_within_budget_and_seeded():
+    from hpc_uc.classwise import class_noise
+
+    a = class_noise(3, 1, 28, 16 / 255, "linf", seed=4)
+    assert a.shape == (3, 1, 28, 28) and a.abs().max() <= 16 / 255 and a.abs().mean() > 4 / 255
+    assert torch.equal(a, class_noise(3, 1, 28, 16 / 255, "linf", seed=4))
+    assert not torch.equal(a, class_noise(3, 1, 28, 16 / 255, "linf", seed=5))
+    l2 = class_noise(2, 3, 8, 0.5, "l2", seed=0)
+    assert torch.allclose(l2.flatten(1).norm(dim=1), torch.full((2,), 0.5))
+
+
+def test_classwise_refuses_refine():
+    with pytest.raises(UserError, match="refine.steps refines UC"):
+        load_config(None, ["method=classwise", "refine.steps=3"])
