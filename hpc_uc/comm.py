@@ -87,6 +87,15 @@ class Comm:
         self.device = _pick_device(self.local_rank)
         _set_cpu_threads(self.device, self.local_size)
 
+    @classmethod
+    def local(cls, device: torch.device | None = None) -> "Comm":
+        """A one-rank communicator of this process alone, even inside an MPI job (no MPI
+        calls; every collective is the identity): for tools, tests and single-process use."""
+        solo = cls.__new__(cls)
+        solo.mpi, solo.rank, solo.size, solo.local_rank, solo.local_size = None, 0, 1, 0, 1
+        solo.device = device or torch.device("cpu")
+        return solo
+
     @property
     def is_root(self) -> bool:
         return self.rank == 0

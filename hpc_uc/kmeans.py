@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
+from .comm import Comm
 from .errors import UserError
 
 CHUNK_ROWS = 16384
@@ -40,24 +40,6 @@ class KMeansResult:
     @property
     def assignments_local(self) -> torch.Tensor:
         return self.assignments
-
-
-class _LocalComm:
-    """Size-1 stand-in when ``comm`` is None."""
-
-    rank, size = 0, 1
-
-    def allreduce(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None) -> torch.Tensor:
-        return tensor.clone()
-
-    def broadcast(self, value: Any, root: int = 0) -> Any:
-        return value
-
-    def gather(self, value: Any, root: int = 0) -> list:
-        return [value]
-
-    def allgather(self, value: Any) -> list:
-        return [value]
 
 
 def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -143,7 +125,7 @@ def kmeans(features_local: torch.Tensor, k: int, comm=None, seed: int = 0, iters
 
     Collective: every rank of ``comm`` must call it (``comm=None``: this process alone).
     """
-    comm = comm or _LocalComm()
+    comm = comm or Comm.local()
     x = features_local.detach()
     if x.dim() != 2:
         raise UserError(f"k-means needs a 2-D feature matrix, got shape {tuple(x.shape)}")

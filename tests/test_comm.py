@@ -120,3 +120,19 @@ def test_horovod_allreduce_passes_the_name():
     comm.hvd = fake
     comm.allreduce(torch.ones(2), op="sum", name="generator.loss")
     assert calls == [("sum", "generator.loss")]
+
+
+def test_local_comm_is_one_rank_and_every_collective_is_the_identity():
+    import numpy as np
+    import torch
+
+    from hpc_uc.comm import Comm
+
+    solo = Comm.local()
+    assert (solo.rank, solo.size, solo.is_root, str(solo.device)) == (0, 1, True, "cpu")
+    t = torch.arange(3.0)
+    assert torch.equal(solo.allreduce(t, op="sum", name="x"), t) and solo.broadcast("v") == "v"
+    assert solo.gather(5) == [5] and solo.allgather(5) == [5]
+    (rows,), index = solo.gather_rows([np.array([[2.0], [1.0]])], np.array([9, 3]))
+    assert index.tolist() == [3, 9] and rows[:, 0].tolist() == [1.0, 2.0]
+    solo.barrier()
