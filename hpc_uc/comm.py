@@ -185,13 +185,6 @@ class Comm:
         state = self.mpi.bcast(state, root=root)
         model.load_state_dict(state)
 
-    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer, root: int = 0) -> None:
-        """Copy ``root``'s optimizer state (e.g. after resuming) to every rank."""
-        if self.size == 1:
-            return
-        state = optimizer.state_dict() if self.rank == root else None
-        optimizer.load_state_dict(self.mpi.bcast(state, root=root))
-
     def distributed_optimizer(self, optimizer: torch.optim.Optimizer,
                               model: torch.nn.Module) -> torch.optim.Optimizer:
         """Wrap ``optimizer`` so ``step()`` uses gradients averaged over all ranks."""

@@ -24,7 +24,6 @@ import torch
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import roc_auc_score
 
-from .comm import Comm
 from .errors import UserError
 
 TASKS = ("multi-class", "binary-class", "multi-label, binary-class", "ordinal-regression")
@@ -104,18 +103,3 @@ def chance_accuracy(labels: np.ndarray, task: str) -> float:
         return float(np.maximum(positive, 1.0 - positive).mean())
     _, counts = np.unique(labels[:, 0], return_counts=True)
     return float(counts.max() / len(labels))
-
-
-def gathered_metrics(comm: Comm, task: str, local_labels: np.ndarray,
-                     local_scores: np.ndarray) -> dict[str, float | None] | None:
-    """Gather every rank's (labels, scores) to rank 0, in rank order, and compute the metrics
-    there on the whole split; None on the other ranks."""
-    parts = comm.gather((np.asarray(local_labels), np.asarray(local_scores)))
-    if not comm.is_root:
-        return None
-    parts = [p for p in parts if len(p[0])]
-    if not parts:
-        raise UserError("no predictions on any rank")
-    labels = np.concatenate([p[0] for p in parts])
-    scores = np.concatenate([p[1] for p in parts])
-    return medmnist_metrics(task, labels, scores)
