@@ -94,7 +94,10 @@ def batch_effect(rows: list[dict], metric: str, permutations: int = PERMUTATIONS
     for _ in range(permutations):
         shuffled = np.take_along_axis(grid, rng.permuted(np.tile(np.arange(b)[:, None], (1, s)), axis=0), axis=0)
         exceed += s * ((shuffled.mean(axis=1) - grand) ** 2).sum() >= observed
+    with np.errstate(all="ignore"):  # Brown-Forsythe: does the seed-to-seed spread differ by batch?
+        p_spread = float(stats.levene(*grid, center="median").pvalue)
     return {"metric": metric, "batches": b, "seeds": s, "f": float(f), "df": (df_batch, df_error),
+            "p_spread": p_spread if np.isfinite(p_spread) else 1.0,
             "p_anova": p_anova, "p_permutation": (exceed + 1) / (permutations + 1),
             "batch_range": float(np.ptp(grid.mean(axis=1))),
             "seed_sd": float(np.sqrt(ss_error / df_error)) if df_error else float("nan")}
@@ -133,7 +136,8 @@ def summary_markdown(rows: list[dict]) -> str:
                            f"vs residual seed-to-seed sd {test['seed_sd']:.3f}; block ANOVA "
                            f"F({test['df'][0]}, {test['df'][1]}) = {test['f']:.2f}, p = {test['p_anova']:.3g}; "
                            f"within-seed permutation p = {test['p_permutation']:.3g} "
-                           f"({test['seeds']} seeds × {test['batches']} batch sizes).")
+                           f"({test['seeds']} seeds × {test['batches']} batch sizes); spread differs by batch "
+                           f"(Brown-Forsythe) p = {test['p_spread']:.3g}.")
             out.append("")
     return "\n".join(out)
 
@@ -149,7 +153,7 @@ def rows_markdown(rows: list[dict]) -> str:
 
 def write_summary(out: Path, rows: list[dict]) -> None:
     """sweep.md (summary, tests, then every point) and sweep.png in ``out``."""
-    text = "# Batch-size sweep\n\n" + summary_markdown(rows) + "## Every point\n\n" + rows_markdown(rows)
+    text = "# Batch-size sweep\n\n" + summary_markdown(rows) + "\n## Every point\n\n" + rows_markdown(rows)
     write_bytes(out / "sweep.md", text.encode())
     plot(rows, out / "sweep.png")
 

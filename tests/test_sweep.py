@@ -34,6 +34,9 @@ def test_batch_effect_separates_signal_from_seed_noise():
     spread = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.1, 0.3, 0.2], [0.2, 0.4, 0.1, 0.3]])  # equal batch means
     null = batch_effect(rows(spread), "protection", permutations=999)
     assert null["p_anova"] > 0.99 and null["p_permutation"] > 0.99 and null["batch_range"] < 1e-9
+    assert null["p_spread"] > 0.99  # the same four values in every batch: the same spread
+    wide = np.array([[0.5, 0.5, 0.5, 0.5], [0.49, 0.51, 0.5, 0.5], [0.1, 0.9, 0.2, 0.8]])
+    assert batch_effect(rows(wide), "protection", permutations=99)["p_spread"] < 0.05
 
 
 def test_batch_effect_blocks_on_seed():
