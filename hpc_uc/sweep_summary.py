@@ -94,10 +94,13 @@ def batch_effect(rows: list[dict], metric: str, permutations: int = PERMUTATIONS
     for _ in range(permutations):
         shuffled = np.take_along_axis(grid, rng.permuted(np.tile(np.arange(b)[:, None], (1, s)), axis=0), axis=0)
         exceed += s * ((shuffled.mean(axis=1) - grand) ** 2).sum() >= observed
-    with np.errstate(all="ignore"):  # Brown-Forsythe: does the seed-to-seed spread differ by batch?
-        p_spread = float(stats.levene(*grid, center="median").pvalue)
+    p_spread = None  # Brown-Forsythe: does the seed-to-seed spread differ by batch? (>= 3 seeds:
+    if s >= 3:       # with 2, both deviations from the median are equal and the test degenerates)
+        with np.errstate(all="ignore"):
+            p_spread = float(stats.levene(*grid, center="median").pvalue)
+            p_spread = p_spread if np.isfinite(p_spread) else 1.0
     return {"metric": metric, "batches": b, "seeds": s, "f": float(f), "df": (df_batch, df_error),
-            "p_spread": p_spread if np.isfinite(p_spread) else 1.0,
+            "p_spread": p_spread,
             "p_anova": p_anova, "p_permutation": (exceed + 1) / (permutations + 1),
             "batch_range": float(np.ptp(grid.mean(axis=1))),
             "seed_sd": float(np.sqrt(ss_error / df_error)) if df_error else float("nan")}
@@ -136,8 +139,9 @@ def summary_markdown(rows: list[dict]) -> str:
                            f"vs residual seed-to-seed sd {test['seed_sd']:.3f}; block ANOVA "
                            f"F({test['df'][0]}, {test['df'][1]}) = {test['f']:.2f}, p = {test['p_anova']:.3g}; "
                            f"within-seed permutation p = {test['p_permutation']:.3g} "
-                           f"({test['seeds']} seeds × {test['batches']} batch sizes); spread differs by batch "
-                           f"(Brown-Forsythe) p = {test['p_spread']:.3g}.")
+                           f"({test['seeds']} seeds × {test['batches']} batch sizes); "
+                           + (f"spread differs by batch (Brown-Forsythe) p = {test['p_spread']:.3g}."
+                              if test["p_spread"] is not None else "spread test needs ≥ 3 seeds."))
             out.append("")
     return "\n".join(out)
 

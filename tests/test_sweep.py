@@ -49,7 +49,8 @@ def test_batch_effect_blocks_on_seed():
 def test_batch_effect_needs_two_seeds_and_uses_complete_blocks():
     assert batch_effect(rows(np.array([[0.1], [0.2], [0.3]])), "protection") is None
     incomplete = [r for r in rows(np.full((3, 3), 0.5) + np.eye(3)[:, :3] * 0.01) if (r["seed"], r["batch_size"]) != (2, 16)]
-    assert batch_effect(incomplete, "protection", permutations=99)["seeds"] == 2
+    two = batch_effect(incomplete, "protection", permutations=99)
+    assert two["seeds"] == 2 and two["p_spread"] is None
 
 
 def test_summary_reports_mean_sd_and_the_test(tmp_path):
