@@ -24,7 +24,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .atomic import read_json, write_json

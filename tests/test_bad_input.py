@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
