@@ -10,6 +10,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .diskspace import require_free
+from .shards import read_manifest
 
 CHUNK_BYTES = 64 << 20  # images per chunk read from the shards and written to the archive
 
@@ -37,9 +38,8 @@ def write_medmnist_npz(path: str | Path, shard_dir: str | Path, chunk_bytes: int
     from .reader import ShardedDataset
 
     path = Path(path)
-    sets = {}
-    for split in ShardedDataset(shard_dir, "train", None, full=True, cache="never").manifest["splits"]:
-        sets[split] = ShardedDataset(shard_dir, split, None, full=True, cache="never")
+    sets = {split: ShardedDataset(shard_dir, split, None, full=True, cache="never")
+            for split in read_manifest(shard_dir)["splits"]}
     need = sum(ds.num_samples * ds.image_size ** 2 * ds.channels for ds in sets.values())
     require_free(path.parent, need, path.name)
     with atomic_path(path) as tmp:

@@ -144,16 +144,19 @@ class ShardedDataset:
     def labels_by_index(self) -> tuple[np.ndarray, np.ndarray]:
         """``(labels, index)`` of the whole split (``full=True``) in ascending sample index
         (small: no images are read)."""
-        shards = [self._shard(i) for i in range(len(self._offsets) - 1)]
-        index = np.concatenate([s.index for s in shards])
-        order = np.argsort(index, kind="stable")
-        return np.concatenate([s.labels for s in shards])[order], index[order]
+        order, index = self._order_by_index()
+        labels = np.concatenate([self._shard(i).labels for i in range(len(self._offsets) - 1)])
+        return labels[order], index[order]
+
+    def _order_by_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions sorted by sample index, index in position order) of the whole split."""
+        index = np.concatenate([self._shard(i).index for i in range(len(self._offsets) - 1)])
+        return np.argsort(index, kind="stable"), index
 
     def chunks_by_index(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The whole split (``full=True``, one process) as ``(images, labels, index)`` chunks of
         at most ``rows`` samples, in ascending sample index: memory bounded by one chunk."""
-        index = np.concatenate([self._shard(i).index for i in range(len(self._offsets) - 1)])
-        order = np.argsort(index, kind="stable")
+        order, _ = self._order_by_index()
         for lo in range(0, len(order), rows):
             want = order[lo:lo + rows]
             sorted_positions = np.sort(want)
