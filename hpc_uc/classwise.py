@@ -14,16 +14,19 @@ import torch
 from .comm import Comm
 from .errors import UserError
 from .generator import save_perturbations
+from .models import tile_pattern
 from .rundir import RunDir
 from .shards import read_manifest
 
 
-def class_noise(num_classes: int, channels: int, size: int, epsilon: float, norm: str, seed: int) -> torch.Tensor:
-    """num_classes x C x H x W perturbations within the budget, from ``seed`` alone."""
+def class_noise(num_classes: int, channels: int, size: int, epsilon: float, norm: str, seed: int,
+                tile: int = 0) -> torch.Tensor:
+    """num_classes x C x H x W perturbations within the budget, from ``seed`` alone
+    (``tile`` > 0: one tile x tile pattern per class, repeated over the image)."""
     gen = torch.Generator().manual_seed(seed)
     if norm == "linf":
-        return (torch.rand(num_classes, channels, size, size, generator=gen) * 2 - 1) * epsilon
-    noise = torch.randn(num_classes, channels, size, size, generator=gen)
+        return tile_pattern((torch.rand(num_classes, channels, size, size, generator=gen) * 2 - 1) * epsilon, tile)
+    noise = tile_pattern(torch.randn(num_classes, channels, size, size, generator=gen), tile)
     return noise * (epsilon / noise.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
 
 
@@ -33,7 +36,7 @@ def run_classwise(cfg: dict, comm: Comm, run: RunDir) -> dict:
     if manifest["task"].startswith("multi-label"):
         raise UserError("method=classwise needs one class per image; this data set is multi-label")
     delta = class_noise(manifest["num_classes"], manifest["channels"], manifest["image_size"],
-                        cfg["epsilon"], cfg["norm"], cfg["seed"])
+                        cfg["epsilon"], cfg["norm"], cfg["seed"], cfg["tile"])
     if comm.is_root:
         save_perturbations(run.perturbations, delta, cfg)
         print(f"train: class-wise noise for {manifest['num_classes']} classes (seed {cfg['seed']})", flush=True)

@@ -30,6 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 0,
     "epsilon": 16 / 255,
     "norm": "linf",               # linf | l2
+    "tile": 0,                    # P > 0: each perturbation is one P x P tile repeated over the
+                                  # image, a stationary pattern that crops and shifts keep (0: off)
     "clusters": 10,
     "target_offset": 1,
     "cache": "auto",              # reader cache: auto | always | never
@@ -134,6 +136,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "seed": ("int", 0, 2**32 - 1), "batch_size": ("int", 1, INF), "base_batch_size": ("int", 1, INF),
     "warmup_epochs": ("int", 0, INF), "clusters": ("int", 2, INF), "target_offset": ("int", 1, INF),
     "resume": ("bool", None, None), "defenses": ("list", None, None), "cache_budget_mib": ("number", 0, INF),
+    "tile": ("int", 0, INF),
     "surrogate.weights": ("text", None, None), "surrogate.epochs": ("int", 0, INF),
     "surrogate.lr": ("number", 0, INF), "surrogate.weight_decay": ("number", 0, INF),
     "surrogate.batch_size": ("int", 1, INF), "surrogate.input_size": ("int?", 8, INF),

@@ -130,6 +130,7 @@ class GeneratorBank:
     def __init__(self, cfg: dict, k: int, channels: int, size: int, comm: Comm, lr: float) -> None:
         g = cfg["generator"]
         self.comm, self.k, self.epsilon, self.norm = comm, k, cfg["epsilon"], cfg["norm"]
+        self.tile = cfg["tile"]
         torch.manual_seed(cfg["seed"])
         self.gens = nn.ModuleList(Generator(channels, g["base_filters"], g["n_down"], g["n_blocks"])
                                   for _ in range(k)).to(comm.device)
@@ -142,7 +143,7 @@ class GeneratorBank:
     def _own(self) -> torch.Tensor | None:
         if not self.owned:
             return None
-        return torch.cat([perturbation(self.gens[i], self.noise[i], self.epsilon, self.norm) for i in self.owned])
+        return torch.cat([perturbation(self.gens[i], self.noise[i], self.epsilon, self.norm, self.tile) for i in self.owned])
 
     def _assemble(self, own: torch.Tensor | None) -> torch.Tensor:
         full = torch.zeros(self.k, *self.noise.shape[2:], device=self.comm.device)

@@ -312,10 +312,24 @@ class Generator(nn.Module):
         return self.net(z)[..., :h, :w]
 
 
-def perturbation(generator: nn.Module, z: torch.Tensor, epsilon: float, norm: str = "linf") -> torch.Tensor:
+def tile_pattern(pattern: torch.Tensor, period: int) -> torch.Tensor:
+    """The top-left ``period`` x ``period`` corner of ``pattern`` (... x H x W) repeated over
+    H x W (0, or a period >= the image: ``pattern`` unchanged). A periodic pattern stays the
+    same pattern, only in another phase, under any shift or crop."""
+    h, w = pattern.shape[-2:]
+    if period <= 0 or period >= max(h, w):
+        return pattern
+    corner = pattern[..., :period, :period]
+    reps = (-(-h // period), -(-w // period))
+    return corner.repeat(*([1] * (pattern.dim() - 2)), *reps)[..., :h, :w]
+
+
+def perturbation(generator: nn.Module, z: torch.Tensor, epsilon: float, norm: str = "linf",
+                 tile: int = 0) -> torch.Tensor:
     """The perturbation delta of noise ``z``: ``linf`` -> epsilon * G(z) (|delta| <= epsilon);
-    ``l2`` -> G(z) projected per sample onto the L2 ball of radius epsilon."""
-    raw = generator(z)
+    ``l2`` -> G(z) projected per sample onto the L2 ball of radius epsilon. ``tile`` > 0:
+    G(z)'s corner repeated over the image first (:func:`tile_pattern`)."""
+    raw = tile_pattern(generator(z), tile)
     if norm == "linf":
         return epsilon * raw
     if norm == "l2":

@@ -15,7 +15,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "surrogate": ("dataset", "data_dir", "seed", "surrogate", "lr_scaling", "base_batch_size",
                   "warmup_epochs"),
     "cluster": ("clusters", "kmeans"),
-    "train": ("method", "batch_size", "epsilon", "norm", "target_offset", "generator"),
+    "train": ("method", "batch_size", "epsilon", "norm", "tile", "target_offset", "generator"),
     "export": ("refine", "export"),
     "evaluate": ("victim", "defenses", "defense", "evaluate"),
 }

@@ -158,3 +158,41 @@ def test_classwise_noise_is_within_budget_and_seeded():
 def test_classwise_refuses_refine():
     with pytest.raises(UserError, match="refine.steps refines UC"):
         load_config(None, ["method=classwise", "refine.steps=3"])
+
+
+def test_tile_pattern_repeats_the_corner_and_survives_shifts():
+    from hpc_uc.models import tile_pattern
+    pattern = torch.randn(2, 3, 28, 28)
+    tiled = tile_pattern(pattern, 4)
+    assert tiled.shape == pattern.shape
+    assert torch.equal(tiled[..., :4, :4], pattern[..., :4, :4])
+    assert torch.equal(tiled[..., 8:12, 20:24], pattern[..., :4, :4])
+    # a shift by any amount is the same tiling of a rolled corner: the pattern is stationary
+    shifted = torch.roll(tiled, shifts=(3, 1), dims=(-2, -1))
+    assert torch.equal(shifted, tile_pattern(torch.roll(pattern[..., :4, :4], (3, 1), (-2, -1)).repeat(1, 1, 7, 7), 4))
+    odd = tile_pattern(pattern, 5)  # a period that does not divide the image: cut at the edge
+    assert torch.equal(odd[..., 25:28, 25:28], pattern[..., :3, :3])
+    assert torch.equal(tile_pattern(pattern, 0), pattern) and torch.equal(tile_pattern(pattern, 28), pattern)
+
+
+def test_tiled_perturbations_keep_the_budget():
+    from hpc_uc.models import Generator, perturbation
+    gen = Generator(1, 8, 1, 1)
+    z = torch.rand(2, 1, 28, 28)
+    d = perturbation(gen, z, 16 / 255, "linf", tile=7)
+    assert d.abs().max() <= 16 / 255 + 1e-7 and torch.equal(d[..., 7:14, :7], d[..., :7, :7])
+    d2 = perturbation(gen, z, 0.5, "l2", tile=7)
+    assert torch.all(d2.flatten(1).norm(dim=1) <= 0.5 + 1e-6)
+    from hpc_uc.classwise import class_noise
+    for norm, bound in (("linf", lambda t: t.abs().amax((1, 2, 3))), ("l2", lambda t: t.flatten(1).norm(dim=1))):
+        noise = class_noise(3, 1, 28, 0.1, norm, seed=0, tile=4)
+        assert torch.all(bound(noise) <= 0.1 + 1e-6)
+        assert torch.equal(noise[..., 4:8, 4:8], noise[..., :4, :4])
+
+
+def test_tile_is_a_train_stage_key():
+    from hpc_uc.rundir import stage_key
+    assert stage_key(load_config(None, ["tile=4"]), "train") != stage_key(load_config(None, []), "train")
+    assert stage_key(load_config(None, ["tile=4"]), "cluster") == stage_key(load_config(None, []), "cluster")
+    with pytest.raises(UserError):
+        load_config(None, ["tile=-1"])
