@@ -185,9 +185,10 @@ class Comm:
         state = self.mpi.bcast(state, root=root)
         model.load_state_dict(state)
 
-    def distributed_optimizer(self, optimizer: torch.optim.Optimizer,
-                              model: torch.nn.Module) -> torch.optim.Optimizer:
-        """Wrap ``optimizer`` so ``step()`` uses gradients averaged over all ranks."""
+    def distributed_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                              backward_passes: int = 1) -> torch.optim.Optimizer:
+        """Wrap ``optimizer`` so ``step()`` uses gradients averaged over all ranks
+        (accumulated over ``backward_passes`` backward passes per step)."""
         return optimizer if self.size == 1 else _AllreduceOptimizer(optimizer, self)
 
     def abort(self, code: int = 1) -> None:
@@ -229,9 +230,9 @@ class HorovodComm(Comm):
         if self.size > 1:
             self.hvd.broadcast_parameters(model.state_dict(), root_rank=root)
 
-    def distributed_optimizer(self, optimizer, model):
+    def distributed_optimizer(self, optimizer, model, backward_passes: int = 1):
         return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                             op=self.hvd.Average)
+                                             op=self.hvd.Average, backward_passes_per_step=backward_passes)
 
 
 class TorchComm(Comm):

@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "stem": "auto",           # auto (small for <= 64 px) | small (3x3, no max-pool) | standard
         "input_size": None,       # an int: bilinear resize on device before the network
         "min_val_acc": 0.5,       # warn loudly below this clean validation accuracy
+        "micro_batch": 0,         # images per forward per rank (0: the whole local batch);
+                                  # gradients accumulate, one all-reduce per step
     },
     "kmeans": {"iters": 100, "tol": 1e-4, "init_sample": 10000},
     "generator": {
@@ -84,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
         "milestones": [0.5, 0.75],  # x0.1 at these fractions of training
         "select": "auc",          # keep the epoch with the best validation auc | acc
         "input_norm": "medmnist", # medmnist (0.5 / 0.5) | imagenet statistics
+        "micro_batch": 0,         # images per forward per rank (0: the whole local batch), both protocols
         "ue": {                   # the Unlearnable Examples literature's protocol (arch, stem,
             "epochs": 30,         # input_norm and batch_size shared with the keys above)
             "lr": 0.1,            # SGD, scaled like victim.lr against victim.base_batch_size
@@ -140,7 +143,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "surrogate.weights": ("text", None, None), "surrogate.epochs": ("int", 0, INF),
     "surrogate.lr": ("number", 0, INF), "surrogate.weight_decay": ("number", 0, INF),
     "surrogate.batch_size": ("int", 1, INF), "surrogate.input_size": ("int?", 8, INF),
-    "surrogate.min_val_acc": ("number", 0, 1),
+    "surrogate.min_val_acc": ("number", 0, 1), "surrogate.micro_batch": ("int", 0, INF),
     "kmeans.iters": ("int", 1, INF), "kmeans.tol": ("number", 0, INF), "kmeans.init_sample": ("int", 1, INF),
     "generator.epochs": ("int", 0, INF), "generator.lr": ("number", 0, INF),
     "generator.min_lr": ("number", 0, INF), "generator.weight_decay": ("number", 0, INF),
@@ -150,7 +153,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "export.npz": ("bool", None, None), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
-    "victim.milestones": ("list", None, None),
+    "victim.milestones": ("list", None, None), "victim.micro_batch": ("int", 0, INF),
     "victim.ue.epochs": ("int", 0, INF), "victim.ue.lr": ("number", 0, INF), "victim.ue.momentum": ("number", 0, 1),
     "victim.ue.weight_decay": ("number", 0, INF), "victim.ue.crop_padding": ("int", 0, INF),
     "evaluate.protocols": ("list", None, None), "evaluate.recalibrate_samples": ("int", 0, INF),

@@ -144,7 +144,7 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, s
     train_classifier(model, train, comm, epochs=s["epochs"], lr=s["lr"], weight_decay=s["weight_decay"],
                      batch_per_rank=per_rank, task=manifest["task"], milestones=s["milestones"],
                      on_epoch=on_epoch, defense=defense, seed=cfg["seed"], optimizer=s["optimizer"],
-                     momentum=s["momentum"], augment=s["augment"])
+                     momentum=s["momentum"], augment=s["augment"], micro_batch=cfg["victim"]["micro_batch"])
     extra = {}
     if s["final"]:
         final_epoch = s["epochs"]

@@ -73,7 +73,7 @@ def run_surrogate(cfg: dict, comm: Comm, run: RunDir) -> dict:
         train_classifier(model, train, comm, epochs=s["epochs"],
                          lr=scaled_lr(cfg, s["lr"], s["batch_size"]), weight_decay=s["weight_decay"],
                          batch_per_rank=per_rank, task=manifest["task"],
-                         warmup_epochs=cfg["warmup_epochs"], on_epoch=on_epoch)
+                         warmup_epochs=cfg["warmup_epochs"], on_epoch=on_epoch, micro_batch=s["micro_batch"])
         info["epochs"] = s["epochs"]
     else:
         state = imagenet_weights(s["arch"]) if s["weights"] == "imagenet" else s["weights"]

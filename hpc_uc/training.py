@@ -48,6 +48,13 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -
     return F.cross_entropy(logits, labels[:, 0])
 
 
+def micro_slices(n: int, micro_batch: int) -> list[slice]:
+    """Pieces of at most ``micro_batch`` of ``n`` items (0, or >= n: one piece, the whole)."""
+    if micro_batch <= 0 or micro_batch >= n:
+        return [slice(0, n)]
+    return [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+
+
 class MetricsLog:
     """Rank 0 appends one JSON line per record to RUN_DIR/metrics.jsonl."""
 
@@ -66,7 +73,7 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
                      defense: Callable | None = None, seed: int = 0, optimizer: str = "adam",
                      momentum: float = 0.9,
                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                     ) -> None:
+                     micro_batch: int = 0) -> None:
     """Data-parallel supervised training (gradients averaged by the communicator).
 
     ``optimizer``: ``adam`` (MedMNIST's protocol) or ``sgd`` (momentum ``momentum``, the UE
@@ -74,7 +81,11 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
     cosine. ``augment(images, generator)`` runs on every batch first, with a generator seeded
     from (seed, rank, epoch) (hpc_uc.augment). ``defense(images, labels, task, model,
     generator) -> (images, loss_fn)`` transforms each batch after it (hpc_uc.defenses); its
-    randomness comes from (seed, rank).
+    randomness comes from (seed, rank). ``micro_batch`` > 0: at most that many images per
+    forward; gradients accumulate over the pieces of a rank's batch and cross the ranks once
+    per optimizer step. The step equals the whole batch's except through batch statistics
+    (BatchNorm normalises each piece by its own statistics, as in any gradient accumulation)
+    and defenses that mix images (mixup/cutmix pair within a piece).
     """
     from .augment import epoch_generator
 
@@ -84,7 +95,8 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
         base = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         base = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    opt = comm.distributed_optimizer(base, model)
+    pieces = micro_slices(batch_per_rank, micro_batch)
+    opt = comm.distributed_optimizer(base, model, backward_passes=len(pieces))
     steps_per_epoch = max(1, len(train_ds) // batch_per_rank)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(seed * 1000 + comm.rank)
@@ -102,21 +114,29 @@ def train_classifier(model: torch.nn.Module, train_ds, comm: Comm, *, epochs: in
                 set_lr(opt, lr * 0.1 ** decay)
             else:
                 set_lr(opt, lr_at(step, total, warmup, lr))
-            if defense is not None:
-                images, loss_fn = defense(images, labels, task, model, gen)
-            else:
-                loss_fn = lambda logits: classification_loss(logits, labels, task)  # noqa: E731
             opt.zero_grad()
-            out = model(images)
-            loss = loss_fn(out[0] if isinstance(out, tuple) else out)
-            loss.backward()
+            for part in pieces:
+                loss = _piece_loss(model, images[part], labels[part], task, defense, gen) * (
+                    (part.stop - part.start) / len(images))
+                loss.backward()
+                loss_sum[0] += loss.detach().double() * len(images)  # on the device: no sync per step
             opt.step()
-            loss_sum[0] += loss.detach().double() * len(images)  # on the device: no sync per step
             loss_sum[1] += len(images)
             step += 1
         loss_sum = comm.allreduce(loss_sum, op="sum", name="classifier.loss").cpu()
         if on_epoch is not None:
             on_epoch(epoch, float(loss_sum[0] / max(1.0, loss_sum[1])))
+
+
+def _piece_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, task: str,
+                defense: Callable | None, gen: torch.Generator) -> torch.Tensor:
+    """The mean training loss of one (micro-)batch, after the defense if there is one."""
+    if defense is not None:
+        images, loss_fn = defense(images, labels, task, model, gen)
+    else:
+        loss_fn = lambda logits: classification_loss(logits, labels, task)  # noqa: E731
+    out = model(images)
+    return loss_fn(out[0] if isinstance(out, tuple) else out)
 
 
 @torch.no_grad()

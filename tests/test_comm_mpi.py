@@ -92,3 +92,15 @@ def test_gather_rows_orders_by_index_in_bounded_rounds(comm, chunk_bytes):
     (s, y), i = got
     assert np.array_equal(i, ids[order]) and np.array_equal(s, np.concatenate([p[0] for p in everything])[order])
     assert np.array_equal(y, np.concatenate([p[1] for p in everything])[order])
+
+
+def test_micro_batched_training_equals_the_whole_batch_across_ranks(comm):
+    """train_classifier with micro_batch=3 (pieces 3, 3, 2 of each rank's 8): one gradient
+    exchange per step (Horovod: backward_passes_per_step), the same parameters as the whole
+    batch, identical on every rank."""
+    from micro_batch_helpers import trained_params
+
+    whole, micro = trained_params(comm, 0), trained_params(comm, 3)
+    assert torch.allclose(micro, whole, atol=1e-6)
+    every = comm.allgather(micro)
+    assert all(torch.equal(other, every[0]) for other in every[1:])
