@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/digits",
     "seed": 0,
     "method": "uc",               # uc (Unlearnable Clusters) | classwise (random class-wise noise)
+                                  # | ar (autoregressive perturbations)
     "backend": "auto",            # auto | horovod | torch | mpi
     "profile": "paper",           # paper (the reference settings) | fast (tests, demos)
     "batch_size": 64,             # global batch per optimizer step
@@ -115,7 +116,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {
-    "method": ("uc", "classwise"),
+    "method": ("uc", "classwise", "ar"),
     "backend": ("auto", "horovod", "torch", "mpi"),
     "profile": tuple(PROFILES),
     "lr_scaling": ("none", "linear", "sqrt"),

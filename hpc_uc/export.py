@@ -1,6 +1,7 @@
 """Stage `export`: the protected dataset, as shards (every rank writes its own) and npz.
 
-Each training image gets the perturbation of its own cluster, is clamped to [0, 1] and
+Each training image gets the perturbation of its own cluster (class, for the label-wise methods;
+method=ar draws one per image from its class's process), is clamped to [0, 1] and
 quantised to uint8 so that it stays within epsilon of the clean image (L-inf, after
 rounding). Labels are unchanged; val/test are copied untouched. The perturbations stay in
 RUN_DIR/perturbations.h5 and never enter the export.
@@ -18,6 +19,7 @@ from .generator import add_perturbation, cluster_of_index, load_perturbations, l
 from .reader import ShardedDataset
 from .rundir import RunDir
 from .npz_stream import CHUNK_BYTES, write_medmnist_npz
+from .pipeline import LABEL_WISE
 from .shards import ShardSetWriter
 
 
@@ -54,9 +56,8 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     require_free(run.root, 2 * image_bytes * sum(s["count"] for s in splits.values()),  # shards + npz
                  "the export (protected/ and protected.npz)")
     images, labels, index = data.local_arrays()
-    delta = load_perturbations(run.perturbations).transpose(0, 2, 3, 1)  # K×H×W×C
-    clusters = labels[:, 0] if cfg["method"] == "classwise" else cluster_of_index(run.clusters)[index]
-    per_sample = delta[clusters]
+    clusters = labels[:, 0] if cfg["method"] in LABEL_WISE else cluster_of_index(run.clusters)[index]
+    per_sample = sample_perturbations(cfg, run, clusters, index, data.image_size)
     if cfg["refine"]["steps"] > 0:
         per_sample = refined(cfg, run, data.manifest, comm, images, per_sample, clusters)
     protected = protect(images, per_sample, cfg["epsilon"], cfg["norm"], cfg["generator"]["boundary"])
@@ -88,6 +89,17 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     return {"train_images": int(data.num_samples)}
 
 
+def sample_perturbations(cfg: dict, run: RunDir, clusters: np.ndarray, index: np.ndarray,
+                         size: int) -> np.ndarray:
+    """Each local image's δ (N×H×W×C): its cluster's (or class's) row of perturbations.h5, or
+    for method=ar a fresh draw from its class's AR process, seeded by its sample id (hpc_uc.ar)."""
+    if cfg["method"] == "ar":
+        from .ar import sample_perturbations as ar_samples
+
+        return ar_samples(cfg, run.perturbations, clusters, index, size).transpose(0, 2, 3, 1)
+    return load_perturbations(run.perturbations).transpose(0, 2, 3, 1)[clusters]  # K×H×W×C -> N×H×W×C
+
+
 def refined(cfg: dict, run: RunDir, manifest: dict, comm: Comm, images: np.ndarray,
             delta: np.ndarray, clusters: np.ndarray) -> np.ndarray:
     """Per-sample refinement of this rank's perturbations (hpc_uc.refine)."""
@@ -110,7 +122,8 @@ def refined(cfg: dict, run: RunDir, manifest: dict, comm: Comm, images: np.ndarr
     return out
 
 
-METHOD_NAMES = {"uc": "unlearnable-clusters", "classwise": "class-wise-random-noise"}
+METHOD_NAMES = {"uc": "unlearnable-clusters", "classwise": "class-wise-random-noise",
+                "ar": "autoregressive-perturbations"}
 
 
 def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:

@@ -326,14 +326,17 @@ def run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
     return {"clusters": targets.k, "epochs": g["epochs"]}
 
 
-def save_perturbations(path, delta: torch.Tensor, cfg: dict, targets: np.ndarray | None = None) -> None:
+def save_perturbations(path, delta: torch.Tensor, cfg: dict, targets: np.ndarray | None = None,
+                       extra: dict[str, np.ndarray] | None = None) -> None:
     """The secret: delta per cluster (anyone holding it can undo the protection), mode 0600,
-    with each generator's target cluster."""
+    with each generator's target cluster and any method-specific arrays (``extra``: name -> array)."""
     with atomic_path(path, mode=OWNER_ONLY) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("delta", data=delta.numpy().astype(np.float32), track_times=False)
             if targets is not None:
                 f.create_dataset("target", data=np.asarray(targets, np.int64), track_times=False)
+            for name, array in (extra or {}).items():
+                f.create_dataset(name, data=np.asarray(array), track_times=False)
             f.attrs.update({"epsilon": cfg["epsilon"], "norm": cfg["norm"], "seed": cfg["seed"],
                             "layout": "K x C x H x W, in image units [0, 1]"})
 

@@ -22,7 +22,11 @@ STAGE_FUNCS: dict[str, str] = {
 
 
 # what the train stage runs for each protection method
-METHOD_FUNCS: dict[str, str] = {"uc": "generator:run_train", "classwise": "classwise:run_classwise"}
+METHOD_FUNCS: dict[str, str] = {"uc": "generator:run_train", "classwise": "classwise:run_classwise",
+                                "ar": "ar:run_ar"}
+
+# methods whose perturbations are keyed by the class label (one class per image needed)
+LABEL_WISE = frozenset({"classwise", "ar"})
 
 
 def stage_function(name: str, method: str = "uc"):
@@ -42,8 +46,8 @@ def check_data(cfg: dict) -> dict:
         if info["count"] < 1:
             raise UserError(f"{data_dir}: the {split} split is empty; prepare the data again with images in it")
     count = manifest["splits"]["train"]["count"]
-    if cfg["method"] == "classwise" and manifest["task"].startswith("multi-label"):
-        raise UserError(f"method=classwise needs one class per image; {data_dir} is {manifest['task']}")
+    if cfg["method"] in LABEL_WISE and manifest["task"].startswith("multi-label"):
+        raise UserError(f"method={cfg['method']} needs one class per image; {data_dir} is {manifest['task']}")
     if cfg["clusters"] > count:
         raise UserError(f"clusters={cfg['clusters']} is more than the {count} training samples")
     return manifest

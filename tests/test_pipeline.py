@@ -143,3 +143,33 @@ def test_classwise_method_end_to_end(finished_run, tmp_path):
     with h5py.File(moved.perturbations) as f:
         assert f["delta"].shape == (10, 1, 28, 28)  # one per digit class
     assert stat.S_IMODE(moved.perturbations.stat().st_mode) == 0o600
+
+
+def test_ar_method_end_to_end(finished_run, tmp_path):
+    """method=ar through train, export and verify: each image carries its own draw of its
+    class's AR process (regenerated here from the coefficients and its sample id), within
+    epsilon after quantisation; the secret stays owner-only and the export names the method."""
+    import shutil
+
+    from hpc_uc.ar import ar_perturbations
+    from hpc_uc.pipeline import run_stage
+
+    cfg, run = finished_run
+    shutil.copytree(run.root, tmp_path / "ar")
+    other = tiny_config(cfg["data_dir"], tmp_path / "ar", "method=ar")
+    comm, moved = start(other)
+    for stage in ("train", "export"):
+        run_stage(stage, other, comm, moved)
+    assert verify(moved.protected)["extra"]["protection"]["method"] == "autoregressive-perturbations"
+    clean, labels, index = read_whole_split(cfg["data_dir"], "train")
+    prot, _, prot_index = read_whole_split(moved.protected, "train")
+    prot = prot[np.argsort(prot_index)]
+    with h5py.File(moved.perturbations) as f:
+        coefficients = f["ar_coefficients"][()]
+        assert coefficients.shape == (10, 1, 3, 3) and f["delta"].shape == (10, 1, 28, 28)
+    assert stat.S_IMODE(moved.perturbations.stat().st_mode) == 0o600
+    delta = ar_perturbations(coefficients, labels[:, 0], index, 28, other["epsilon"], "linf", other["seed"])
+    assert np.array_equal(prot, protect(clean, delta.transpose(0, 2, 3, 1), other["epsilon"], "linf",
+                                        other["generator"]["boundary"]))
+    diff = prot.astype(np.int16) - clean.astype(np.int16)
+    assert np.abs(diff).max() <= 16 and np.abs(diff).mean() > 1.0
