@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "export": {
         "npz": True,              # also write RUN_DIR/protected.npz (MedMNIST's layout, streamed)
+        "chunk_mib": 64,          # float32 working memory per export chunk (one shard per chunk)
     },
     "refine": {                   # per-sample refinement of the cluster delta at export
         "steps": 0,               # projected signed-gradient steps of UC's loss per image (0: off)
@@ -151,7 +152,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "generator.base_filters": ("int", 1, INF), "generator.n_down": ("int", 0, 6),
     "generator.n_blocks": ("int", 0, INF), "generator.augment": ("bool", None, None),
     "generator.bf16": ("bool", None, None), "generator.micro_batch": ("int", 0, INF),
-    "export.npz": ("bool", None, None), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
+    "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
     "victim.milestones": ("list", None, None), "victim.micro_batch": ("int", 0, INF),
@@ -161,7 +162,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "defense.pgd_epsilon": ("number", 0, 1), "defense.pgd_steps": ("int", 0, INF),
     "defense.pgd_step_size": ("number", 0, 1),
 }
-POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr"}  # > 0, not just >= 0
+POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr", "export.chunk_mib"}  # > 0, not just >= 0
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:

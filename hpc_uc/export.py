@@ -55,19 +55,19 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     image_bytes = data.image_size ** 2 * data.channels
     require_free(run.root, 2 * image_bytes * sum(s["count"] for s in splits.values()),  # shards + npz
                  "the export (protected/ and protected.npz)")
-    images, labels, index = data.local_arrays()
-    clusters = labels[:, 0] if cfg["method"] in LABEL_WISE else cluster_of_index(run.clusters)[index]
-    per_sample = sample_perturbations(cfg, run, clusters, index, data.image_size)
-    if cfg["refine"]["steps"] > 0:
-        per_sample = refined(cfg, run, data.manifest, comm, images, per_sample, clusters)
-    protected = protect(images, per_sample, cfg["epsilon"], cfg["norm"], cfg["generator"]["boundary"])
+    rows = max(1, int(cfg["export"]["chunk_mib"] * 2**20) // (4 * image_bytes))  # float32 working copies
+    chunks = comm.allgather(-(-len(data) // rows))  # each rank's shard count, for global shard ids
+    first, total = sum(chunks[:comm.rank]), max(1, sum(chunks))
+    perturb = chunk_protector(cfg, run, data.manifest, comm, data.image_size)
     source = data.manifest
     manifest = {**source, "dataset": f"{source['dataset']}-protected",
                 "source": {"file": str(cfg["data_dir"]), "md5": None},
                 "extra": {**source.get("extra", {}), "protection": protection_record(cfg, comm, run)}}
     others = [s for s in source["splits"] if s != "train"]
     with ShardSetWriter(run.protected, comm, overwrite=True) as writer:
-        writer.write("train", protected, labels, index, shard_id=comm.rank, num_shards=comm.size)
+        for j, (images, labels, index) in enumerate(data.local_chunks(rows)):  # one chunk in memory
+            writer.write("train", perturb(images, labels, index), labels, index, shard_id=first + j,
+                         num_shards=total)
         if comm.is_root:
             for split in others:  # copied untouched, a bounded chunk at a time
                 clean = ShardedDataset(cfg["data_dir"], split, None, full=True, cache="never")
@@ -77,7 +77,8 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
                     writer.write(split, *chunk, shard_id=i, num_shards=shards)
                 clean.close()
         writer.commit(manifest)
-    del protected, images
+    if comm.is_root and cfg["refine"]["steps"] > 0:
+        print(f"export: refined each image's perturbation with {cfg['refine']['steps']} steps", flush=True)
     if comm.is_root:
         if cfg["export"]["npz"]:  # streamed from the shards just written: one chunk in memory
             write_medmnist_npz(run.protected_npz, run.protected)
@@ -100,9 +101,25 @@ def sample_perturbations(cfg: dict, run: RunDir, clusters: np.ndarray, index: np
     return load_perturbations(run.perturbations).transpose(0, 2, 3, 1)[clusters]  # K×H×W×C -> N×H×W×C
 
 
-def refined(cfg: dict, run: RunDir, manifest: dict, comm: Comm, images: np.ndarray,
-            delta: np.ndarray, clusters: np.ndarray) -> np.ndarray:
-    """Per-sample refinement of this rank's perturbations (hpc_uc.refine)."""
+def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: int):
+    """``perturb(images, labels, index) -> protected uint8 images`` for one chunk of this rank's
+    training images: each image's δ (:func:`sample_perturbations`), refined per image when
+    ``refine.steps`` > 0 (hpc_uc.refine; the surrogate is loaded once), added and quantised."""
+    refine_step = refiner(cfg, run, manifest, comm) if cfg["refine"]["steps"] > 0 else None
+    cluster_of = None if cfg["method"] in LABEL_WISE else cluster_of_index(run.clusters)
+
+    def perturb(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
+        clusters = labels[:, 0] if cluster_of is None else cluster_of[index]
+        delta = sample_perturbations(cfg, run, clusters, index, size)
+        if refine_step is not None:
+            delta = refine_step(images, delta, clusters)
+        return protect(images, delta, cfg["epsilon"], cfg["norm"], cfg["generator"]["boundary"])
+
+    return perturb
+
+
+def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
+    """Per-sample refinement of perturbations (hpc_uc.refine), as ``(images, delta, clusters) -> delta``."""
     import torch
     import torch.nn.functional as F
 
@@ -115,11 +132,9 @@ def refined(cfg: dict, run: RunDir, manifest: dict, comm: Comm, images: np.ndarr
     targets = torch.from_numpy(load_targets(run.perturbations))
     probs = F.softmax(centroids[targets], dim=1).to(comm.device)
     r = cfg["refine"]
-    out = refine(surrogate, images, delta, probs, clusters, cfg["epsilon"], cfg["norm"], r["steps"],
-                 r["step_size"], comm.device, boundary=cfg["generator"]["boundary"])
-    if comm.is_root:
-        print(f"export: refined each image's perturbation with {r['steps']} steps", flush=True)
-    return out
+    return lambda images, delta, clusters: refine(
+        surrogate, images, delta, probs, clusters, cfg["epsilon"], cfg["norm"], r["steps"], r["step_size"],
+        comm.device, boundary=cfg["generator"]["boundary"])
 
 
 METHOD_NAMES = {"uc": "unlearnable-clusters", "classwise": "class-wise-random-noise",

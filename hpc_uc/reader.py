@@ -168,6 +168,18 @@ class ShardedDataset:
         """``(images uint8 N×H×W×C, labels int64 N×L, index int64 N)`` of this rank, in global order."""
         return self._arrays(epoch) if self.cached else self._read(self.positions(epoch))
 
+    def local_chunks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`local_arrays` in pieces of at most ``rows`` samples (memory: one piece
+        unless the split is cached)."""
+        if self.cached:
+            arrays = self._arrays(0)
+            for lo in range(0, len(arrays[2]), rows):
+                yield tuple(a[lo:lo + rows] for a in arrays)
+            return
+        positions = self.positions(0)
+        for lo in range(0, len(positions), rows):
+            yield self._read(positions[lo:lo + rows])
+
     def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = True,
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(images float32 N×C×H×W in [0,1], labels int64 N×L, index int64 N)`` on the

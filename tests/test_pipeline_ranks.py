@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, kill_group, mpirun, run_job, venv_bin
 from hpc_uc.comm import horovod_available
+from hpc_uc.shards import verify
 
 TINY = ["profile=fast", "surrogate.epochs=1", "surrogate.stem=standard", "generator.base_filters=8",
         "generator.n_blocks=1", "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1", "victim.stem=standard",
@@ -158,9 +159,11 @@ def test_224px_rgb_pipeline_on_two_ranks(tmp_path):
                    f"run_dir={run}", "clusters=2", "batch_size=8", "surrogate.batch_size=8", "victim.batch_size=8",
                    "surrogate.epochs=1", "surrogate.stem=standard", "generator.epochs=1", "generator.base_filters=8",
                    "generator.n_blocks=1", "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1",
-                   "victim.stem=standard", "evaluate.recalibrate_samples=4", "backend=torch"], np=2)
+                   "victim.stem=standard", "evaluate.recalibrate_samples=4", "backend=torch",
+                   "export.chunk_mib=2"], np=2)  # 3 images per export chunk: 4 shards per rank
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and 0 < results["linf"] <= 16 / 255 + 1e-6 and results["ssim"] < 1
     with np.load(run / "protected.npz") as npz:
         assert npz["train_images"].shape == (24, 224, 224, 3)
+    assert len(verify(run / "protected")["splits"]["train"]["shards"]) == 8
