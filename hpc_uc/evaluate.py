@@ -30,7 +30,6 @@ from .atomic import read_json, write_json
 from .comm import Comm
 from .config import check_world, scaled_lr
 from .defenses import build_defense
-from .export import read_whole_split
 from .imperceptibility import parallel_imperceptibility
 from .metrics import chance_accuracy, medmnist_metrics
 from .models import ResNetClassifier, ResNetWithFeature, victim_model
@@ -242,7 +241,7 @@ def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
 def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict, untrained: dict, quality: dict) -> dict:
     """The results.json document (docs/results.md describes every field)."""
     source = read_json(f"{cfg['data_dir']}/manifest.json")
-    _, test_labels, _ = read_whole_split(cfg["data_dir"], "test")
+    test_labels, _ = ShardedDataset(cfg["data_dir"], "test", None, full=True).labels_by_index()
     surrogate = read_json(run.surrogate_info) if run.surrogate_info.is_file() else {}
     timings = read_json(run.timings) if run.timings.is_file() else {}
     chance = chance_accuracy(test_labels, source["task"])

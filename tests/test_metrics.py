@@ -145,3 +145,15 @@ def test_imperceptibility_ssim_and_batching():
     assert got == pytest.approx(imperceptibility(clean, protected))
     with pytest.raises(UserError):
         imperceptibility(clean, protected[:3])
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16, 1), (2, 23, 23, 3)])
+def test_ssim_equals_torchmetrics(shape):
+    """The separable SSIM gives torchmetrics' per-image values (its reference implementation)."""
+    from hpc_uc.imperceptibility import ssim_per_image
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.random(shape)).permute(0, 3, 1, 2)
+    y = (x + torch.from_numpy(rng.normal(0, 0.05, shape)).permute(0, 3, 1, 2)).clamp(0, 1)
+    ref = structural_similarity_index_measure(y, x, data_range=1.0, reduction="none")
+    assert torch.allclose(ssim_per_image(y, x), ref, rtol=0, atol=1e-7)
