@@ -31,7 +31,7 @@ from .comm import Comm
 from .config import check_world, scaled_lr
 from .defenses import build_defense
 from .imperceptibility import parallel_imperceptibility
-from .metrics import chance_accuracy, medmnist_metrics
+from .metrics import chance_accuracy, medmnist_metrics, prior_loss
 from .models import ResNetClassifier, ResNetWithFeature, victim_model
 from .protection import protection_figures
 from .reader import ShardedDataset
@@ -162,6 +162,7 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, s
         return {}
     out.update(best_epoch=best["epoch"], reported_epoch=final_epoch, epochs=s["epochs"],
                val_acc=best["val_acc"], val_auc=best["val_auc"], **extra,
+               final_train_loss=history[-1]["loss"] if history else None,
                seconds=round(time.perf_counter() - began, 2), history=history)
     print(f"evaluate[{label}]: test acc {out['test_acc']:.3f} auc {_num(out['test_auc'])} "
           f"recalibrated acc {_num(out['recalibrated_acc'])}", flush=True)
@@ -245,6 +246,7 @@ def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict, untrained
     surrogate = read_json(run.surrogate_info) if run.surrogate_info.is_file() else {}
     timings = read_json(run.timings) if run.timings.is_file() else {}
     chance = chance_accuracy(test_labels, source["task"])
+    train_labels, _ = ShardedDataset(cfg["data_dir"], "train", None, full=True).labels_by_index()
     protection = {}
     for name, victims in protocols.items():
         protection[name] = protection_figures(victims["clean"], victims["protected"], chance)
@@ -266,6 +268,7 @@ def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict, untrained
         "generator": cfg["generator"],
         "surrogate_val_acc": surrogate.get("val_acc"),
         "chance_acc": chance,
+        "prior_loss": prior_loss(train_labels, source["task"], source["num_classes"]),
         "recalibrate_samples": cfg["evaluate"]["recalibrate_samples"],
         "protocols": protocols,
         "protection": protection,

@@ -33,14 +33,13 @@ def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
     """
     import torch
 
-    clean = torch.from_numpy(images.astype(np.float32) / 255.0)
-    y = add_perturbation(clean, torch.from_numpy(np.asarray(delta, dtype=np.float32)), boundary).numpy()
-    out = np.rint(y * 255.0)
+    base = torch.from_numpy(np.ascontiguousarray(images)).float()
+    y = add_perturbation(base / 255.0, torch.from_numpy(np.asarray(delta, dtype=np.float32)), boundary)
+    out = y.mul_(255.0).round_()  # round half to even, as np.rint
     if norm == "linf":
         levels = math.floor(255.0 * epsilon + 1e-6)
-        base = images.astype(np.float32)
-        out = np.clip(out, base - levels, base + levels)
-    return out.astype(np.uint8)
+        out = torch.minimum(torch.maximum(out, base - levels), base + levels)
+    return out.to(torch.uint8).numpy()
 
 
 def read_whole_split(directory, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -103,3 +103,17 @@ def chance_accuracy(labels: np.ndarray, task: str) -> float:
         return float(np.maximum(positive, 1.0 - positive).mean())
     _, counts = np.unique(labels[:, 0], return_counts=True)
     return float(counts.max() / len(labels))
+
+
+def prior_loss(labels: np.ndarray, task: str, num_classes: int) -> float:
+    """The training loss of always predicting the split's class frequencies: the entropy of the
+    label distribution (nats; multi-label: the mean binary entropy over labels), what the
+    victims' cross-entropy / BCE reaches by learning nothing about the images."""
+    labels = np.asarray(labels)
+    _check(task, labels)
+    if task.startswith("multi-label"):
+        p = np.clip((labels == 1).mean(axis=0), 1e-12, 1 - 1e-12)
+        return float((-(p * np.log(p) + (1 - p) * np.log(1 - p))).mean())
+    p = np.bincount(labels[:, 0], minlength=num_classes) / len(labels)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())

@@ -43,7 +43,8 @@ def write_medmnist_npz(path: str | Path, shard_dir: str | Path, chunk_bytes: int
     need = sum(ds.num_samples * ds.image_size ** 2 * ds.channels for ds in sets.values())
     require_free(path.parent, need, path.name)
     with atomic_path(path) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1,
+                             allowZip64=True) as zf:  # deflate level 1: ~3x faster than 6, a few % larger
             for split, ds in sets.items():
                 s, c, n = ds.image_size, ds.channels, ds.num_samples
                 rows = max(1, chunk_bytes // (s * s * c))

@@ -13,6 +13,7 @@ AUC_CHANCE = 0.5
 SHALLOW_MARGIN = 0.25  # "shallow": accuracy share this much above the weakest other share,
 SHALLOW_BELOW = 0.5    # and that weakest share keeps more than half of the clean skill
 WEAK_CLEAN_GAP = 0.05  # a clean victim this close to chance makes the shares unstable
+UNFIT_SHARE = 0.5      # a victim whose final training loss keeps this share of the prior's did not fit
 
 
 def gap_closed(clean: float | None, protected: float | None, chance: float) -> float | None:
@@ -44,3 +45,10 @@ def shallow(figures: dict) -> bool:
 def weak_clean_victim(clean: dict, chance_acc: float) -> bool:
     """The clean victim itself is barely above the majority rate: there is little gap to close."""
     return clean.get("test_acc") is not None and clean["test_acc"] - chance_acc < WEAK_CLEAN_GAP
+
+
+def unfit_victim(victim: dict, prior: float | None) -> bool:
+    """The victim's final training loss is still more than UNFIT_SHARE of what predicting the
+    class prior gives: it learned little from its training copy (clean or protected)."""
+    loss = victim.get("final_train_loss")
+    return loss is not None and prior is not None and prior > 0 and loss > UNFIT_SHARE * prior

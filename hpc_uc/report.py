@@ -85,7 +85,7 @@ def verdict(figures: dict) -> str:
 def render(doc: dict) -> str:
     """Markdown report of one run's results."""
     lines = [f"# hpc-uc report: {doc['dataset']}", ""]
-    from .protection import weak_clean_victim
+    from .protection import unfit_victim, weak_clean_victim
 
     for protocol, figs in doc["protection"].items():
         lines.append(f"- **protection ({protocol} victim): {_fmt(figs['headline'])}** -- {verdict(figs)}")
@@ -93,6 +93,12 @@ def render(doc: dict) -> str:
             lines.append(f"  (caution: under this protocol the clean victim itself reaches only "
                          f"{_fmt(doc['protocols'][protocol]['clean']['test_acc'])} against a majority rate of "
                          f"{_fmt(doc['chance_acc'])}; the shares rest on a small gap -- train it longer)")
+        clean = doc["protocols"][protocol]["clean"]
+        if unfit_victim(clean, doc.get("prior_loss")):
+            lines.append(f"  (caution: under this protocol the clean victim did not fit its training set: its "
+                         f"final training loss is {_fmt(clean['final_train_loss'])}, the class prior alone gives "
+                         f"{_fmt(doc['prior_loss'])}; a victim that learns little from either copy measures little "
+                         f"-- give it more steps: more epochs or a smaller victim.batch_size)")
     lines += [
         "",
         f"method {doc.get('method', 'uc')}, {doc['world_size']} rank(s), backend {doc['backend']}, "

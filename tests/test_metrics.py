@@ -157,3 +157,14 @@ def test_ssim_equals_torchmetrics(shape):
     y = (x + torch.from_numpy(rng.normal(0, 0.05, shape)).permute(0, 3, 1, 2)).clamp(0, 1)
     ref = structural_similarity_index_measure(y, x, data_range=1.0, reduction="none")
     assert torch.allclose(ssim_per_image(y, x), ref, rtol=0, atol=1e-7)
+
+
+def test_prior_loss_is_the_label_entropy():
+    from hpc_uc.metrics import prior_loss
+
+    labels = np.array([[0]] * 3 + [[1]])
+    assert prior_loss(labels, "binary-class", 2) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert prior_loss(np.array([[2]] * 5), "multi-class", 3) == pytest.approx(0.0)
+    multi = np.array([[1, 0], [0, 0]])
+    assert prior_loss(multi, "multi-label, binary-class", 2) == pytest.approx((math.log(2) + 0.0) / 2, abs=1e-9)
+

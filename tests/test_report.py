@@ -53,6 +53,21 @@ def test_a_clean_victim_near_chance_is_flagged():
     assert text.count("caution") == 1
 
 
+def test_a_clean_victim_that_did_not_fit_is_flagged():
+    """BreastMNIST's ue victim at batch 128: final training loss 0.48 against the prior's 0.58."""
+    doc = copy.deepcopy(DOC)
+    doc["prior_loss"] = 0.58
+    doc["protocols"]["medmnist"]["clean"]["final_train_loss"] = 0.004
+    doc["protocols"]["ue"]["clean"]["final_train_loss"] = 0.48
+    validate_results(doc)
+    text = render(doc)
+    assert "caution: under this protocol the clean victim did not fit its training set" in text
+    assert "final training loss is 0.480, the class prior alone gives 0.580" in text
+    assert text.count("caution") == 1  # medmnist's victim fit
+    doc["protocols"]["ue"]["clean"]["final_train_loss"] = None
+    assert "caution" not in render(doc)
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda d: d.update(results_version=1), "results_version 1"),
     (lambda d: d.pop("protection"), "lacks protection"),
