@@ -61,13 +61,13 @@ def build_split(source: Path, out: Path, size: int, train: int) -> None:
                                      "md5": None}))
 
 
-def run_stage(stage: str, data: Path, run: Path, ranks: int) -> tuple[float, list[float]]:
+def run_stage(stage: str, data: Path, run: Path, ranks: int, extra: list[str]) -> tuple[float, list[float]]:
     """(wall seconds, peak RSS MiB of each rank) of one stage under mpirun."""
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1", "OMP_NUM_THREADS": "1"}
     cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", "/usr/bin/time", "-f", "peak-rss-kib %M",
            str(VENV_BIN / "hpc-uc"), stage, str(REPO / "configs" / "breastmnist.yaml"), f"data_dir={data}",
-           f"run_dir={run}", *SETTINGS]
+           f"run_dir={run}", *SETTINGS, *extra]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - began
@@ -83,10 +83,13 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--np", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--set", default="", help="more overrides, e.g. 'surrogate.epochs=0 generator.epochs=0'")
     parser.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "breastmnist.npz"))
     args = parser.parse_args()
     root = Path(args.root)
-    rows = []
+    extra = args.set.split()
+    done = root / "memory.json"  # rows of earlier invocations are kept (a size measured again replaces its rows)
+    rows = json.loads(done.read_text()) if done.is_file() else []
     for n in (int(s) for s in args.sizes.split(",")):
         data, run = root / f"data-{n}", root / f"run-{n}"
         began = time.perf_counter()
@@ -94,17 +97,18 @@ def main() -> None:
             build_split(Path(args.source), data, args.image_size, n)
         print(f"N={n}: data built in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
         share = n * args.image_size ** 2 * 3 / args.np / 2**30
+        rows = [r for r in rows if r["train_images"] != n]
         for stage in STAGES:
-            seconds, peaks = run_stage(stage, data, run, args.np)
-            rows.append({"train_images": n, "share_gib": round(share, 2), "stage": stage,
+            seconds, peaks = run_stage(stage, data, run, args.np, extra)
+            rows.append({"train_images": n, "share_gib": round(share, 2), "stage": stage, "set": args.set,
                          "seconds": round(seconds, 1), "peak_rss_mib": [round(p) for p in peaks]})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    lines = ["| training images | each rank's share (GiB) | stage | wall s | peak RSS per rank (MiB) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['train_images']} | {r['share_gib']} | {r['stage']} | {r['seconds']} | "
+        done.write_text(json.dumps(rows, indent=1))
+    lines = ["| training images | each rank's share (GiB) | stage | more settings | wall s | peak RSS per rank (MiB) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['train_images']} | {r['share_gib']} | {r['stage']} | {r.get('set') or '-'} | {r['seconds']} | "
               f"{' / '.join(map(str, r['peak_rss_mib']))} |" for r in rows]
     (root / "memory.md").write_text("\n".join(lines) + "\n")
-    (root / "memory.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
 
 
