@@ -8,6 +8,7 @@ import time
 from typing import Sequence
 
 from .errors import UserError, describe
+from .stages import STAGES
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -81,23 +82,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return prepare_main(args.args)
 
 
-STAGE_HELP = {
-    "surrogate": "obtain and measure the surrogate feature extractor",
-    "cluster": "K-means of the training split in surrogate feature space",
-    "train": "train one perturbation generator per cluster (data-parallel)",
-    "export": "write the protected dataset (shards + protected.npz)",
-    "evaluate": "train victims on clean and protected data; write results.json",
-    "run": "every stage in order, skipping those already complete",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-uc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="versions, backends, world size and device")
     info.add_argument("--backend", default="auto", help="communicator to start (auto|horovod|torch|mpi)")
     info.set_defaults(func=cmd_info)
-    for name, text in STAGE_HELP.items():
+    commands = {**{s.name: s.help for s in STAGES.values()},
+                "run": "every stage of the method in order, skipping those already complete"}
+    for name, text in commands.items():
         stage = sub.add_parser(name, help=text)
         stage.add_argument("config", help="YAML config (configs/*.yaml)")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key")

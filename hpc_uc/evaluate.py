@@ -67,9 +67,20 @@ def protocol_settings(cfg: dict, protocol: str) -> dict:
             "augment": None, "final": False}
 
 
+class _LogitsAndFeatures(torch.nn.Module):
+    """A victim's logits and pooled features side by side, as one tensor (for predict)."""
+
+    def __init__(self, model: ResNetClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(ResNetWithFeature.forward(self.model, x), 1)
+
+
 def predict_with_features(model: ResNetClassifier, ds: ShardedDataset, comm: Comm):
     """(logits, pooled features, labels) of every sample of ``ds`` on rank 0; None elsewhere."""
-    out = predict(model, ds, comm, forward=lambda x: torch.cat(ResNetWithFeature.forward(model, x), 1))
+    out = predict(_LogitsAndFeatures(model), ds, comm)
     if out is None:
         return None
     both, labels = out

@@ -19,8 +19,8 @@ from .generator import add_perturbation, cluster_of_index, load_perturbations, l
 from .reader import ShardedDataset
 from .rundir import RunDir
 from .npz_stream import CHUNK_BYTES, write_medmnist_npz
-from .pipeline import LABEL_WISE
 from .shards import ShardSetWriter
+from .stages import METHODS
 
 
 def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
@@ -105,7 +105,7 @@ def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: in
     training images: each image's δ (:func:`sample_perturbations`), refined per image when
     ``refine.steps`` > 0 (hpc_uc.refine; the surrogate is loaded once), added and quantised."""
     refine_step = refiner(cfg, run, manifest, comm) if cfg["refine"]["steps"] > 0 else None
-    cluster_of = None if cfg["method"] in LABEL_WISE else cluster_of_index(run.clusters)
+    cluster_of = None if METHODS[cfg["method"]].label_wise else cluster_of_index(run.clusters)
 
     def perturb(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
         clusters = labels[:, 0] if cluster_of is None else cluster_of[index]
@@ -136,14 +136,10 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
         comm.device, boundary=cfg["generator"]["boundary"])
 
 
-METHOD_NAMES = {"uc": "unlearnable-clusters", "classwise": "class-wise-random-noise",
-                "ar": "autoregressive-perturbations"}
-
-
 def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """What the manifest says about how the data was protected."""
     surrogate = cfg["surrogate"]
-    return {"method": METHOD_NAMES[cfg["method"]], "epsilon": cfg["epsilon"], "norm": cfg["norm"],
+    return {"method": METHODS[cfg["method"]].title, "epsilon": cfg["epsilon"], "norm": cfg["norm"],
             "clusters": cfg["clusters"], "target": cfg["generator"]["target"],
             "augment": cfg["generator"]["augment"],
             "boundary": cfg["generator"]["boundary"], "refine_steps": cfg["refine"]["steps"],

@@ -3,8 +3,7 @@
 Ranges (see docs/shard_format.md, "Remainder rule"): in training mode every rank gets
 ``N // size`` contiguous samples of the split's global order and the last ``N % size`` are
 left out of the epoch; ``full=True`` gives the first ``N % size`` ranks one extra sample so
-that every sample is seen exactly once. ``cross_rank_shuffle=True`` deals fixed-size blocks
-of the global order to ranks in a new permutation every epoch (from seed and epoch).
+that every sample is seen exactly once.
 """
 from __future__ import annotations
 
@@ -65,18 +64,14 @@ class ShardedDataset:
     """
 
     def __init__(self, root: str | os.PathLike, split: str, comm: Any = None, seed: int = 0,
-                 cache: str = "auto", cross_rank_shuffle: bool = False, full: bool = False,
-                 verify: bool | None = None, block_size: int = 256) -> None:
+                 cache: str = "auto", full: bool = False, verify: bool | None = None) -> None:
         if cache not in CACHE_MODES:
             raise UserError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
-        if block_size < 1:
-            raise UserError(f"block_size must be positive, not {block_size}")
         self.root = Path(root)
         self.manifest = verify_set(self.root) if verify else read_manifest(self.root)
         if split not in self.manifest["splits"]:
             raise UserError(f"{self.root}: no split {split!r} (has {', '.join(self.manifest['splits'])})")
         self.split, self.seed, self.full = split, seed, full
-        self.cross_rank_shuffle, self.block_size = cross_rank_shuffle, block_size
         self.rank = getattr(comm, "rank", 0)
         self.size = getattr(comm, "size", 1)
         self.device = getattr(comm, "device", torch.device("cpu"))
@@ -92,12 +87,11 @@ class ShardedDataset:
         image_bytes = self.image_size ** 2 * self.channels
         self.cached = cache == "always" or (cache == "auto" and len(self) * image_bytes
                                              <= cache_budget(getattr(comm, "local_size", 1)))
-        self._cache: tuple[int | None, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-        self._touch(self.positions(0))
+        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._touch(self.positions())
         if self.cached:
-            self._arrays(0)
-            if not cross_rank_shuffle:
-                self.close()
+            self._arrays()
+            self.close()
 
     # ---- metadata ------------------------------------------------------------------------
     @property
@@ -132,14 +126,9 @@ class ShardedDataset:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
     # ---- which samples -------------------------------------------------------------------
-    def positions(self, epoch: int = 0) -> np.ndarray:
-        """Sorted global positions this rank reads in ``epoch`` (before the local shuffle)."""
-        if not self.cross_rank_shuffle:
-            return np.arange(self.start, self.stop, dtype=np.int64)
-        n, b = self.num_samples, self.block_size
-        blocks = np.random.default_rng([self.seed, epoch]).permutation(-(-n // b))
-        dealt = np.concatenate([np.arange(k * b, min((k + 1) * b, n)) for k in blocks])
-        return np.sort(dealt[self.start:self.stop]).astype(np.int64)
+    def positions(self) -> np.ndarray:
+        """Sorted global positions this rank reads (before the local shuffle)."""
+        return np.arange(self.start, self.stop, dtype=np.int64)
 
     def labels_by_index(self) -> tuple[np.ndarray, np.ndarray]:
         """``(labels, index)`` of the whole split (``full=True``) in ascending sample index
@@ -164,19 +153,19 @@ class ShardedDataset:
             where = np.searchsorted(sorted_positions, want)
             yield tuple(a[where] for a in arrays)
 
-    def local_arrays(self, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def local_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(images uint8 N×H×W×C, labels int64 N×L, index int64 N)`` of this rank, in global order."""
-        return self._arrays(epoch) if self.cached else self._read(self.positions(epoch))
+        return self._arrays() if self.cached else self._read(self.positions())
 
     def local_chunks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """:meth:`local_arrays` in pieces of at most ``rows`` samples (memory: one piece
         unless the split is cached)."""
         if self.cached:
-            arrays = self._arrays(0)
+            arrays = self._arrays()
             for lo in range(0, len(arrays[2]), rows):
                 yield tuple(a[lo:lo + rows] for a in arrays)
             return
-        positions = self.positions(0)
+        positions = self.positions()
         for lo in range(0, len(positions), rows):
             yield self._read(positions[lo:lo + rows])
 
@@ -187,10 +176,10 @@ class ShardedDataset:
         each epoch from ``(seed, rank, epoch)``."""
         if batch_size < 1:
             raise UserError(f"batch size must be positive, not {batch_size}")
-        positions = self.positions(epoch)
+        positions = self.positions()
         order = (np.random.default_rng([self.seed, self.rank, epoch]).permutation(len(positions))
                  if shuffle else np.arange(len(positions)))
-        arrays = self._arrays(epoch) if self.cached else None
+        arrays = self._arrays() if self.cached else None
         for lo in range(0, len(order), batch_size):
             pick = order[lo:lo + batch_size]
             if drop_last and len(pick) < batch_size:
@@ -215,12 +204,11 @@ class ShardedDataset:
         return x, torch.from_numpy(labels).to(self.device), torch.from_numpy(index).to(self.device)
 
     # ---- reading -------------------------------------------------------------------------
-    def _arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This rank's cached arrays for ``epoch`` (loaded once, or once per epoch when dealt)."""
-        key = epoch if self.cross_rank_shuffle else None
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._read(self.positions(epoch)))
-        return self._cache[1]
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's cached arrays (loaded once)."""
+        if self._cache is None:
+            self._cache = self._read(self.positions())
+        return self._cache
 
     def _shard(self, shard: int) -> "_Shard":
         """An open shard: its images dataset, and its labels and index read whole (small)."""

@@ -9,28 +9,8 @@ import yaml
 
 from .atomic import read_json, write_bytes, write_json
 from .config import get
+from .stages import STAGES, method_stages
 
-# Config keys each stage's output depends on (cumulative: a stage depends on earlier ones).
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "surrogate": ("dataset", "data_dir", "seed", "surrogate", "lr_scaling", "base_batch_size",
-                  "warmup_epochs"),
-    "cluster": ("clusters", "kmeans"),
-    "train": ("method", "batch_size", "epsilon", "norm", "tile", "target_offset", "generator"),
-    "export": ("refine", "export"),
-    "evaluate": ("victim", "defenses", "defense", "evaluate"),
-}
-STAGES = tuple(STAGE_KEYS)
-
-
-# What each stage leaves behind, relative to the run directory: a stage is done only when its
-# record matches the config and these are there with the sizes they had when it finished.
-ARTIFACTS: dict[str, tuple[str, ...]] = {
-    "surrogate": ("surrogate.pt", "surrogate.json"),
-    "cluster": ("clusters.npz",),
-    "train": ("perturbations.h5", "generators/generators.pt"),
-    "export": ("protected/manifest.json", "protected.npz"),
-    "evaluate": ("results.json",),
-}
 DATA_MANIFEST = "data manifest"
 
 
@@ -42,12 +22,15 @@ def _data_manifest_digest(cfg: dict) -> str | None:
 
 
 def stage_inputs(cfg: dict, stage: str) -> dict:
-    """Every config value ``stage`` (and the stages before it) depends on, and the data's digest."""
+    """Every config value ``stage`` (and the method's stages before it) depends on, and the
+    data's digest."""
     keys: list[str] = []
-    for name in STAGES:
-        keys += STAGE_KEYS[name]
-        if name == stage:
+    for earlier in method_stages(cfg["method"]):
+        keys += earlier.keys
+        if earlier.name == stage:
             break
+    else:
+        raise ValueError(f"method={cfg['method']} has no {stage} stage")
     return {**{k: get(cfg, k) for k in keys}, DATA_MANIFEST: _data_manifest_digest(cfg)}
 
 
@@ -117,7 +100,7 @@ class RunDir:
 
     def mark_done(self, cfg: dict, stage: str) -> None:
         done = self.completed()
-        files = {rel: (self.root / rel).stat().st_size for rel in ARTIFACTS[stage] if (self.root / rel).is_file()}
+        files = {rel: (self.root / rel).stat().st_size for rel in STAGES[stage].artifacts if (self.root / rel).is_file()}
         done[stage] = {"key": stage_key(cfg, stage), "inputs": stage_inputs(cfg, stage), "files": files}
         write_json(self._stages, done)
 

@@ -20,10 +20,21 @@ from .config import load_config
 from .errors import UserError
 from .rundir import RunDir
 from .shards import read_manifest
+from .stages import METHODS, STAGES
 from .sweep_summary import read_csv, write_csv, write_summary
 
-SHARED_FILES = ("surrogate.pt", "surrogate.json", "clusters.npz")
+SHARED = ("surrogate", "cluster")  # once per seed, for every batch size (those the method runs)
 DOWNSTREAM = ("train", "export", "evaluate")
+
+
+def shared_stages(cfg: dict) -> tuple[str, ...]:
+    """The method's stages that a seed's points share."""
+    return tuple(name for name in METHODS[cfg["method"]].stages if name in SHARED)
+
+
+def shared_files(cfg: dict) -> tuple[str, ...]:
+    """What the shared stages leave, copied into every point."""
+    return tuple(rel for name in shared_stages(cfg) for rel in STAGES[name].artifacts)
 
 
 def parse_ints(text: str, flag: str, minimum: int) -> list[int]:
@@ -61,7 +72,7 @@ def seed_point(shared: RunDir, point: RunDir, cfg: dict) -> None:
     ones, and its later stages are recomputed."""
     point.root.mkdir(parents=True, exist_ok=True)
     replaced = False
-    for name in SHARED_FILES:
+    for name in shared_files(cfg):
         src, dst = shared.root / name, point.root / name
         if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
             shutil.copy(src, dst)  # with its owner-only mode
@@ -70,7 +81,7 @@ def seed_point(shared: RunDir, point: RunDir, cfg: dict) -> None:
         point.forget(DOWNSTREAM)
     if shared.clean_victims.is_file() and not point.clean_victims.is_file():
         shutil.copyfile(shared.clean_victims, point.clean_victims)  # reused only if its key matches
-    for stage in ("surrogate", "cluster"):
+    for stage in shared_stages(cfg):
         point.mark_done(cfg, stage)
 
 
@@ -91,7 +102,7 @@ def run_sweep(config: str, overrides: list[str], batch_sizes: list[int], seeds: 
             check_ranks(cfg, comm.size, count)
         if comm.is_root:
             print(f"== sweep seed {seed}", flush=True)
-        run_all(shared_cfg, comm, shared, stages=("surrogate", "cluster"))
+        run_all(shared_cfg, comm, shared, stages=SHARED)
         for cfg in points[seed]:
             point = RunDir(cfg["run_dir"])
             if comm.is_root:

@@ -140,17 +140,16 @@ def _piece_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, full_ds, comm: Comm, batch_per_rank: int = 256,
-            forward: Callable | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+def predict(model: torch.nn.Module, full_ds, comm: Comm,
+            batch_per_rank: int = 256) -> tuple[np.ndarray, np.ndarray] | None:
     """Scores and labels of every sample (each seen once across ranks), ordered by index.
 
     Returns (scores N×C, labels N×L) on rank 0, None elsewhere.
     """
     model.eval()
-    forward = forward or model
     scores, labels, index = [], [], []
     for images, y, idx in full_ds.batches(batch_per_rank, epoch=0, shuffle=False, drop_last=False):
-        out = forward(images)
+        out = model(images)
         out = out[0] if isinstance(out, tuple) else out
         scores.append(out.float().cpu())
         labels.append(y.cpu())

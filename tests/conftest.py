@@ -137,6 +137,17 @@ def tiny_config(data_dir, run_dir, *extra: str) -> dict:
     return load_config(REPO / "configs" / "digits.yaml", [*TINY, f"data_dir={data_dir}", f"run_dir={run_dir}", *extra])
 
 
+def replace_stage_bodies(monkeypatch, body) -> None:
+    """Every stage's entry point replaced by ``body(stage name)`` (the registry keeps the
+    rest: keys, checks, artifacts), for tests of which stages run."""
+    import dataclasses
+
+    from hpc_uc.stages import STAGES
+
+    for name, stage in list(STAGES.items()):
+        monkeypatch.setitem(STAGES, name, dataclasses.replace(stage, run=body(name)))
+
+
 @pytest.fixture(scope="session")
 def finished_run(digits_dir, tmp_path_factory):
     """The whole pipeline once on digits, single process (tests that change it work on a copy)."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY, mpirun, run_job, tiny_config, venv_bin
+from conftest import REPO, TINY, mpirun, replace_stage_bodies, run_job, tiny_config, venv_bin
 from data_prep.__main__ import main as prep_main
 from hpc_uc.errors import UserError, describe
 from hpc_uc.pipeline import check_ranks, run_all, run_stage, start
@@ -144,22 +144,18 @@ def test_a_stage_is_done_only_with_its_artifacts_intact(finished_run, tmp_path):
 def test_missing_artifact_reruns_its_stage_and_the_later_ones(finished_run, tmp_path, capsys, monkeypatch):
     """`rm clusters.npz; hpc-uc run` makes the clusters again and everything after them
     (stage bodies replaced by a recorder: which stages run is what is tested here)."""
-    import hpc_uc.pipeline as pipeline
-
     cfg, _ = finished_run
     run = copy_of(finished_run, tmp_path)
     cfg = {**cfg, "run_dir": str(run.root)}
     run.clusters.unlink()
     ran = []
-    monkeypatch.setattr(pipeline, "stage_function", lambda name, method="uc": lambda c, comm, r: ran.append(name))
+    replace_stage_bodies(monkeypatch, lambda name: lambda c, comm, r: ran.append(name))
     comm, run = start(cfg)
     run_all(cfg, comm, run)
     assert ran == ["cluster", "train", "export", "evaluate"]
 
 
 def test_config_yaml_describes_only_outputs_that_exist(finished_run, tmp_path, monkeypatch):
-    import hpc_uc.pipeline as pipeline
-
     cfg, _ = finished_run
     run = copy_of(finished_run, tmp_path)
     before = run.config.read_bytes()
@@ -170,7 +166,7 @@ def test_config_yaml_describes_only_outputs_that_exist(finished_run, tmp_path, m
     def fails(c, comm, r):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(pipeline, "stage_function", lambda name, method="uc": fails)
+    replace_stage_bodies(monkeypatch, lambda name: fails)
     with pytest.raises(RuntimeError):
         run_stage("train", changed, comm, run)
     assert run.config.read_bytes() == before
@@ -303,14 +299,14 @@ def test_a_bad_config_under_mpirun_is_reported_once(tmp_path):
 
 
 def test_secrets_copied_into_sweep_points_stay_owner_only(tmp_path):
-    from hpc_uc.sweep import SHARED_FILES, seed_point
+    from hpc_uc.sweep import seed_point, shared_files
 
     shared = RunDir(tmp_path / "shared")
     shared.root.mkdir()
-    for name in SHARED_FILES:
+    cfg = tiny_config("data/digits", tmp_path / "p")
+    for name in shared_files(cfg):
         (shared.root / name).write_bytes(name.encode())
         os.chmod(shared.root / name, 0o600)
-    cfg = tiny_config("data/digits", tmp_path / "p")
     point = RunDir(tmp_path / "p")
     seed_point(shared, point, cfg)
-    assert all((point.root / n).stat().st_mode & 0o077 == 0 for n in SHARED_FILES)
+    assert all((point.root / n).stat().st_mode & 0o077 == 0 for n in shared_files(cfg))

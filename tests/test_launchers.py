@@ -395,7 +395,7 @@ def test_end_to_end(kind, sizing, backend, fake_bin, digits_data, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun not installed")
     from hpc_uc.comm import horovod_available
-    from hpc_uc.rundir import STAGES
+    from hpc_uc.stages import STAGES
 
     backend = backend if backend != "horovod" or horovod_available() else "torch"
     run_dir = tmp_path / "run"

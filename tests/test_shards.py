@@ -140,37 +140,15 @@ def test_ranges_simulated(uneven_sets, size, monkeypatch):
         assert np.array_equal(np.sort(allseen), np.arange((n // size) * size))
 
 
-@pytest.mark.parametrize("size", range(1, 8))
-def test_cross_rank_shuffle_simulated(uneven_sets, size):
-    for shards, (root, n) in uneven_sets.items():
-        ranks = [ShardedDataset(root, "train", fake_comm(rank, size), seed=5, cache="always",
-                                cross_rank_shuffle=True, block_size=4) for rank in range(size)]
-        left_out = set()
-        for epoch in range(3):
-            per_rank = []
-            for ds in ranks:
-                index = np.concatenate([i.numpy() for _, _, i in ds.batches(7, epoch)])
-                assert len(index) == n // size
-                assert np.array_equal(np.sort(index), ds.positions(epoch))
-                assert np.array_equal(ds.local_arrays(epoch)[2], ds.positions(epoch))
-                per_rank.append(index)
-            allseen = np.concatenate(per_rank)
-            assert len(np.unique(allseen)) == len(allseen)
-            left_out.add(tuple(sorted(set(range(n)) - set(allseen.tolist()))))
-        if n % size:
-            assert len(left_out) > 1, "the remainder should change between epochs"
-
-
 def test_same_seed_same_order(uneven_sets):
     root, _ = uneven_sets[3]
 
-    def order(seed, epoch, cache="always", cross=False):
-        ds = ShardedDataset(root, "train", fake_comm(1, 2), seed=seed, cache=cache, cross_rank_shuffle=cross)
+    def order(seed, epoch, cache="always"):
+        ds = ShardedDataset(root, "train", fake_comm(1, 2), seed=seed, cache=cache)
         return np.concatenate([i.numpy() for _, _, i in ds.batches(8, epoch)])
 
     assert np.array_equal(order(1, 0), order(1, 0))
     assert np.array_equal(order(1, 2), order(1, 2, cache="never"))
-    assert np.array_equal(order(1, 2, cross=True), order(1, 2, cache="never", cross=True))
     assert not np.array_equal(order(1, 0), order(1, 1))
     assert not np.array_equal(order(1, 0), order(2, 0))
 
@@ -180,15 +158,13 @@ def test_uncached_reads_match_cache(tmp_path, monkeypatch, span_bytes):
     """Uncached batches (covering-slice reads, or per-HDF5-chunk reads) equal cached ones."""
     monkeypatch.setattr(reader_module, "SPAN_READ_BYTES", span_bytes)
     images = build_set(tmp_path / "s", [120, 80], size=64)  # 16 images per chunk
-    for cross in (False, True):
-        cached, uncached = (ShardedDataset(tmp_path / "s", "train", fake_comm(1, 2), seed=4, cache=c,
-                                           cross_rank_shuffle=cross, block_size=16)
-                            for c in ("always", "never"))
-        for epoch in (0, 1):
-            for (xa, ya, ia), (xb, yb, ib) in zip(cached.batches(32, epoch), uncached.batches(32, epoch)):
-                assert torch.equal(ia, ib) and torch.equal(xa, xb) and torch.equal(ya, yb)
-                assert np.array_equal((xb.numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1),
-                                      images[ib.numpy()])
+    cached, uncached = (ShardedDataset(tmp_path / "s", "train", fake_comm(1, 2), seed=4, cache=c)
+                        for c in ("always", "never"))
+    for epoch in (0, 1):
+        for (xa, ya, ia), (xb, yb, ib) in zip(cached.batches(32, epoch), uncached.batches(32, epoch)):
+            assert torch.equal(ia, ib) and torch.equal(xa, xb) and torch.equal(ya, yb)
+            assert np.array_equal((xb.numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1),
+                                  images[ib.numpy()])
 
 
 def test_batches(tmp_path):

@@ -76,18 +76,6 @@ def test_ranges_disjoint_equal_and_deterministic(comm, shared_dir, num_shards):
         assert np.array_equal(np.sort(seen), np.arange(n))
 
 
-def test_cross_rank_shuffle(comm, shared_dir):
-    n = 61
-    write_parallel(shared_dir / "set", comm, n, 3)
-    ds = ShardedDataset(shared_dir / "set", "train", comm, seed=1, cross_rank_shuffle=True, block_size=5)
-    for epoch in range(3):
-        index = torch.cat([i for _, _, i in ds.batches(6, epoch)]).numpy()
-        everyone = comm.allgather(index)
-        assert {len(i) for i in everyone} == {n // comm.size}
-        merged = np.concatenate(everyone)
-        assert len(np.unique(merged)) == len(merged)
-
-
 def write_tree(root: Path, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     from PIL import Image

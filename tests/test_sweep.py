@@ -7,7 +7,7 @@ import pytest
 from hpc_uc.atomic import write_json
 from hpc_uc.errors import UserError
 from hpc_uc.rundir import RunDir
-from hpc_uc.sweep import SHARED_FILES, parse_seeds, seed_point
+from hpc_uc.sweep import parse_seeds, seed_point, shared_files
 from hpc_uc.sweep_summary import batch_effect, read_csv, summary_markdown, write_csv, write_summary
 
 
@@ -82,16 +82,16 @@ def test_stale_point_gets_the_new_shared_files_and_recomputes(tmp_path):
     """After the sweep's inputs changed (say K 2 -> 3), a point made before must not keep its
     old surrogate and clusters while its stages are marked done for the new config."""
     shared, point = RunDir(tmp_path / "shared"), RunDir(tmp_path / "bs32")
+    cfg = {"dataset": "digits", "data_dir": "d", "seed": 0, "surrogate": {}, "lr_scaling": "linear",
+           "base_batch_size": 256, "warmup_epochs": 0, "clusters": 3, "kmeans": {}, "method": "uc"}
     for run, tag in ((shared, b"new"), (point, b"old")):
         run.root.mkdir()
-        for name in SHARED_FILES:
+        for name in shared_files(cfg):
             (run.root / name).write_bytes(tag + name.encode())
     write_json(point.root / "stages.json", {"surrogate": "x", "cluster": "y", "train": "z", "export": "e",
                                             "evaluate": "v"})
-    cfg = {"dataset": "digits", "data_dir": "d", "seed": 0, "surrogate": {}, "lr_scaling": "linear",
-           "base_batch_size": 256, "warmup_epochs": 0, "clusters": 3, "kmeans": {}}
     seed_point(shared, point, cfg)
-    for name in SHARED_FILES:
+    for name in shared_files(cfg):
         assert (point.root / name).read_bytes() == b"new" + name.encode()
     assert set(point.completed()) == {"surrogate", "cluster"}
     write_json(point.root / "stages.json", {**point.completed(), "train": "z"})

@@ -1,0 +1,151 @@
+"""The registry: every stage in order and every protection method, side by side.
+
+A stage has a name, the config keys its outputs depend on (besides the earlier stages'), a
+cheap up-front check, an entry point and the artifacts it leaves in the run directory. A
+method names what the train stage runs for it and the stages it needs. Stage modules are
+imported only when a stage runs or checks, so bad input fails fast, before torch is imported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .comm import Comm
+    from .rundir import RunDir
+
+Entry = Callable[[dict, "Comm", "RunDir"], dict]
+Check = Callable[[dict, dict], None]  # (config, data manifest) -> None, or a UserError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline (``hpc-uc NAME CONFIG``)."""
+
+    name: str
+    help: str
+    keys: tuple[str, ...]       # config keys its outputs depend on, besides the earlier stages'
+    artifacts: tuple[str, ...]  # what it leaves, relative to the run directory
+    run: Entry
+    check: Check | None = None  # before any heavy work, on the config and the data manifest
+
+
+@dataclass(frozen=True)
+class Method:
+    """A protection method (``method: NAME``)."""
+
+    name: str
+    title: str                  # its name in the export's manifest
+    train: Entry                # what the train stage runs
+    stages: tuple[str, ...]     # the stages it needs, in order
+    label_wise: bool = False    # δ keyed by the class label: one class per image needed
+
+
+# ---- entry points (each imports its module when called) -----------------------------------
+def _run_surrogate(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    from .surrogate import run_surrogate
+
+    return run_surrogate(cfg, comm, run)
+
+
+def _run_cluster(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    from .cluster import run_cluster
+
+    return run_cluster(cfg, comm, run)
+
+
+def _run_train(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    return METHODS[cfg["method"]].train(cfg, comm, run)
+
+
+def _run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    from .export import run_export
+
+    return run_export(cfg, comm, run)
+
+
+def _run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    from .evaluate import run_evaluate
+
+    return run_evaluate(cfg, comm, run)
+
+
+def _train_uc(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    from .generator import run_train
+
+    return run_train(cfg, comm, run)
+
+
+def _train_classwise(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    from .classwise import run_classwise
+
+    return run_classwise(cfg, comm, run)
+
+
+def _train_ar(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    from .ar import run_ar
+
+    return run_ar(cfg, comm, run)
+
+
+# ---- up-front checks ----------------------------------------------------------------------
+def _check_surrogate(cfg: dict, manifest: dict) -> None:
+    """A weights file that will not load (torch is imported only for a file)."""
+    if cfg["surrogate"]["weights"] not in ("pretrain", "imagenet"):
+        from .surrogate import check_weights_file
+
+        check_weights_file(cfg, manifest)
+
+
+def _check_cluster(cfg: dict, manifest: dict) -> None:
+    count = manifest["splits"]["train"]["count"]
+    if cfg["clusters"] > count:
+        raise UserError(f"clusters={cfg['clusters']} is more than the {count} training samples")
+
+
+def _check_train(cfg: dict, manifest: dict) -> None:
+    if METHODS[cfg["method"]].label_wise and manifest["task"].startswith("multi-label"):
+        raise UserError(f"method={cfg['method']} needs one class per image; "
+                        f"{Path(cfg['data_dir'])} is {manifest['task']}")
+
+
+def _check_evaluate(cfg: dict, manifest: dict) -> None:
+    """A misspelled defense fails now, not after the victims trained."""
+    from .defenses import build_defense
+
+    for name in cfg["defenses"]:
+        build_defense(name, cfg["defense"])
+
+
+# ---- the registry -------------------------------------------------------------------------
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("surrogate", "obtain and measure the surrogate feature extractor",
+          ("dataset", "data_dir", "seed", "surrogate", "lr_scaling", "base_batch_size", "warmup_epochs"),
+          ("surrogate.pt", "surrogate.json"), _run_surrogate, _check_surrogate),
+    Stage("cluster", "K-means of the training split in surrogate feature space",
+          ("clusters", "kmeans"), ("clusters.npz",), _run_cluster, _check_cluster),
+    Stage("train", "make the perturbations (UC: train one generator per cluster, data-parallel)",
+          ("method", "batch_size", "epsilon", "norm", "tile", "target_offset", "generator"),
+          ("perturbations.h5", "generators/generators.pt"), _run_train, _check_train),
+    Stage("export", "write the protected dataset (shards + protected.npz)",
+          ("refine", "export"), ("protected/manifest.json", "protected.npz"), _run_export),
+    Stage("evaluate", "train victims on clean and protected data; write results.json",
+          ("victim", "defenses", "defense", "evaluate"), ("results.json",), _run_evaluate, _check_evaluate),
+)}
+
+# the label-wise methods need no clusters; the surrogate still runs: results.json and the
+# report give its validation accuracy
+_LABEL_WISE_STAGES = ("surrogate", "train", "export", "evaluate")
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("uc", "unlearnable-clusters", _train_uc, tuple(STAGES)),
+    Method("classwise", "class-wise-random-noise", _train_classwise, _LABEL_WISE_STAGES, label_wise=True),
+    Method("ar", "autoregressive-perturbations", _train_ar, _LABEL_WISE_STAGES, label_wise=True),
+)}
+
+
+def method_stages(method: str) -> tuple[Stage, ...]:
+    """The stages ``method`` runs, in order."""
+    return tuple(STAGES[name] for name in METHODS[method].stages)

@@ -1,0 +1,93 @@
+"""The stage registry (hpc_uc.stages): what reruns when a key changes, which stages a method
+runs, and that looking stages up imports no torch."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, replace_stage_bodies, tiny_config
+from hpc_uc.config import CHOICES
+from hpc_uc.errors import UserError
+from hpc_uc.pipeline import check_inputs, run_all, start
+from hpc_uc.stages import METHODS, STAGES
+
+
+def test_every_method_is_registered_and_runs_its_stages_in_order():
+    assert set(METHODS) == set(CHOICES["method"])
+    order = list(STAGES)
+    for method in METHODS.values():
+        assert [order.index(name) for name in method.stages] == sorted(order.index(n) for n in method.stages)
+        assert {"train", "export", "evaluate"} <= set(method.stages)
+    keys = [key for stage in STAGES.values() for key in stage.keys]
+    assert len(keys) == len(set(keys)), "a key belongs to one stage"
+
+
+def test_label_wise_methods_skip_the_clusters():
+    for method in METHODS.values():
+        assert ("cluster" in method.stages) == (not method.label_wise), method.name
+
+
+def _changed(value):
+    return {"changed": value} if isinstance(value, dict) else ["changed", value]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_changing_a_key_reruns_exactly_its_stage_and_the_later_ones(method, digits_dir, tmp_path, monkeypatch):
+    """Stage bodies replaced by a recorder: which stages run is what is tested here."""
+    ran: list[str] = []
+    replace_stage_bodies(monkeypatch, lambda name: lambda c, comm, r: ran.append(name) or {})
+    monkeypatch.setattr("hpc_uc.report.report", lambda root: "")
+    cfg = tiny_config(digits_dir, tmp_path / "run", f"method={method}")
+    comm, run = start(cfg)
+    stages = METHODS[method].stages
+    run_all(cfg, comm, run)
+    assert ran == list(stages)
+    for stage in STAGES.values():
+        for key in stage.keys:
+            if key == "method":
+                continue  # another method: other stages (below)
+            cfg = copy.deepcopy(cfg)
+            cfg[key] = _changed(cfg[key])
+            ran.clear()
+            run_all(cfg, comm, run)
+            expected = list(stages[stages.index(stage.name):]) if stage.name in stages else []
+            assert ran == expected, key
+
+
+def test_switching_method_reruns_from_train_and_label_wise_runs_never_cluster(digits_dir, tmp_path, monkeypatch):
+    ran: list[str] = []
+    replace_stage_bodies(monkeypatch, lambda name: lambda c, comm, r: ran.append(name) or {})
+    monkeypatch.setattr("hpc_uc.report.report", lambda root: "")
+    cfg = tiny_config(digits_dir, tmp_path / "run")
+    comm, run = start(cfg)
+    run_all(cfg, comm, run)
+    assert ran == list(STAGES)
+    for method in ("classwise", "ar", "uc"):
+        ran.clear()
+        run_all({**cfg, "method": method}, comm, run)
+        assert ran == ["train", "export", "evaluate"], method  # the surrogate (and clusters) kept
+
+
+def test_a_stage_the_method_does_not_run_is_refused(digits_dir, tmp_path):
+    cfg = tiny_config(digits_dir, tmp_path / "run", "method=classwise")
+    _, run = start(cfg)
+    with pytest.raises(UserError, match="method=classwise has no cluster stage"):
+        check_inputs("cluster", cfg, run)
+
+
+def test_bad_input_fails_before_torch_is_imported(digits_dir):
+    code = ("import sys\n"
+            "from hpc_uc.cli import build_parser\n"
+            "from hpc_uc.config import load_config\n"
+            "from hpc_uc.errors import UserError\n"
+            "from hpc_uc.pipeline import check_data\n"
+            "build_parser()\n"
+            f"cfg = load_config({str(REPO / 'configs' / 'digits.yaml')!r}, "
+            f"['data_dir={digits_dir}', 'clusters=5000'])\n"
+            "try:\n    check_data(cfg)\nexcept UserError as e:\n    print(e)\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.splitlines() == ["clusters=5000 is more than the 1257 training samples", "False"]
