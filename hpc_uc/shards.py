@@ -326,7 +326,9 @@ def open_shard(directory: str | os.PathLike, manifest: dict, split: str, shard: 
     if check_hash and sha256_file(path) != entry["sha256"]:
         raise UserError(f"{path}: sha256 does not match the manifest (truncated or edited shard)")
     try:
-        f = h5py.File(path, "r")
+        # no HDF5 chunk cache: readers read whole chunks per call, and a cache per open shard
+        # grew a rank's memory with the shards it had opened (~8 MB each at 224 px RGB)
+        f = h5py.File(path, "r", rdcc_nbytes=0)
     except OSError as exc:
         raise UserError(f"{path}: not a readable HDF5 shard ({exc})") from None
     n, s, c = entry["count"], manifest["image_size"], manifest["channels"]
