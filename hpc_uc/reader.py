@@ -47,6 +47,12 @@ def available_ram() -> int:
         return 0
 
 
+def chunk_rows(budget_bytes: float, sample_values: int, bytes_per_value: int) -> int:
+    """Samples per chunk such that one copy of the chunk, at ``bytes_per_value`` per value,
+    fits in ``budget_bytes`` (at least one): the one rule every chunked pass sizes by."""
+    return max(1, int(budget_bytes) // (bytes_per_value * max(1, int(sample_values))))
+
+
 def squeeze_labels(labels: torch.Tensor) -> torch.Tensor:
     """N×1 labels as N class indices (for cross-entropy); multi-label N×L left as is."""
     return labels[:, 0] if labels.ndim == 2 and labels.shape[1] == 1 else labels
@@ -156,6 +162,18 @@ class ShardedDataset:
     def local_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(images uint8 N×H×W×C, labels int64 N×L, index int64 N)`` of this rank, in global order."""
         return self._arrays() if self.cached else self._read(self.positions())
+
+    def local_index(self) -> np.ndarray:
+        """Sample ids of this rank's samples, in global order (no images are read)."""
+        if self.cached:
+            return self._arrays()[2]
+        positions = self.positions()
+        shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
+        out = np.empty(len(positions), np.int64)
+        for shard in np.unique(shard_of):
+            pick = shard_of == shard
+            out[pick] = self._shard(int(shard)).index[positions[pick] - self._offsets[shard]]
+        return out
 
     def local_chunks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """:meth:`local_arrays` in pieces of at most ``rows`` samples (memory: one piece
