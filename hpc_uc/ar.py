@@ -132,11 +132,6 @@ def load_coefficients(path) -> np.ndarray:
         return f["ar_coefficients"][()]
 
 
-def sample_perturbations(cfg: dict, path, labels: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
-    """Each sample's δ (N x C x size x size), from the coefficients in ``path`` and its sample id."""
-    return ar_perturbations(load_coefficients(path), labels, index, size, cfg["epsilon"], cfg["norm"], cfg["seed"])
-
-
 def run_ar(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """Draw each class's AR process; rank 0 writes RUN_DIR/perturbations.h5: the coefficients
     (what export draws each image's δ from) and, as ``delta``, one example draw per class."""

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "method": "uc",               # uc (Unlearnable Clusters) | classwise (random class-wise noise)
                                   # | ar (autoregressive perturbations)
+                                  # | em (sample-wise error-minimising noise)
     "backend": "auto",            # auto | horovod | torch | mpi
     "profile": "paper",           # paper (the reference settings) | fast (tests, demos)
     "batch_size": 64,             # global batch per optimizer step
@@ -68,6 +69,18 @@ DEFAULTS: dict[str, Any] = {
         "bf16": False,            # autocast bf16 (GPU/CPUs with bf16 support)
         "micro_batch": 0,         # images per surrogate forward per rank (0: the whole local
                                   # batch; with train_on=all, K x it): bounds activation memory
+    },
+    "em": {                       # method=em (Huang et al. 2021), global batch = batch_size
+        "rounds": 10,             # at most this many rounds of (model steps, noise steps)
+        "train_steps": 10,        # model steps per round (SGD, momentum 0.9, cosine)
+        "pgd_steps": 20,          # signed-gradient steps on each image's delta per round
+        "step_size": 0.1,         # per step, as a fraction of epsilon
+        "stop_accuracy": 0.99,    # stop once the model fits the perturbed training split this well
+        "augment": False,         # the ue victim's crop + flip inside both steps (expectation)
+        "arch": "resnet18",
+        "stem": "auto",           # auto (small for <= 64 px) | small | standard
+        "lr": 0.1,                # at global batch 128, scaled like the others (lr_scaling)
+        "weight_decay": 5e-4,
     },
     "export": {
         "npz": True,              # also write RUN_DIR/protected.npz (MedMNIST's layout, streamed)
@@ -117,7 +130,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {
-    "method": ("uc", "classwise", "ar"),
+    "method": ("uc", "classwise", "ar", "em"),
     "backend": ("auto", "horovod", "torch", "mpi"),
     "profile": tuple(PROFILES),
     "lr_scaling": ("none", "linear", "sqrt"),
@@ -126,6 +139,8 @@ CHOICES = {
     "surrogate.arch": ("resnet18", "resnet50"),
     "surrogate.stem": ("auto", "small", "standard"),
     "victim.arch": ("resnet18", "resnet50"),
+    "em.arch": ("resnet18", "resnet50"),
+    "em.stem": ("auto", "small", "standard"),
     "victim.stem": ("auto", "small", "standard"),
     "victim.select": ("auc", "acc"),
     "victim.input_norm": ("medmnist", "imagenet"),
@@ -152,6 +167,9 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "generator.base_filters": ("int", 1, INF), "generator.n_down": ("int", 0, 6),
     "generator.n_blocks": ("int", 0, INF), "generator.augment": ("bool", None, None),
     "generator.bf16": ("bool", None, None), "generator.micro_batch": ("int", 0, INF),
+    "em.rounds": ("int", 0, INF), "em.train_steps": ("int", 0, INF), "em.pgd_steps": ("int", 0, INF),
+    "em.step_size": ("number", 0, 1), "em.stop_accuracy": ("number", 0, 1), "em.augment": ("bool", None, None),
+    "em.lr": ("number", 0, INF), "em.weight_decay": ("number", 0, INF),
     "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
@@ -162,7 +180,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "defense.pgd_epsilon": ("number", 0, 1), "defense.pgd_steps": ("int", 0, INF),
     "defense.pgd_step_size": ("number", 0, 1),
 }
-POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr", "export.chunk_mib"}  # > 0, not just >= 0
+POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr", "export.chunk_mib", "em.lr"}  # > 0, not just >= 0
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:
@@ -292,6 +310,8 @@ def validate(cfg: dict) -> None:
     if not protocols or len(set(map(str, protocols))) != len(protocols) or not set(protocols) <= set(PROTOCOLS):
         raise UserError(f"evaluate.protocols must be a non-empty list of distinct names from "
                         f"{', '.join(PROTOCOLS)}, not {protocols!r}")
+    if cfg["method"] in ("ar", "em") and cfg["tile"] > 0:
+        raise UserError(f"tile repeats a uc or classwise perturbation; set it to 0 for method={cfg['method']}")
     if cfg["method"] != "uc" and cfg["refine"]["steps"] > 0:
         raise UserError(f"refine.steps refines UC's cluster perturbations; set it to 0 for method={cfg['method']}")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:

@@ -1,7 +1,7 @@
 """Stage `export`: the protected dataset, as shards (every rank writes its own) and npz.
 
 Each training image gets the perturbation of its own cluster (class, for the label-wise methods;
-method=ar draws one per image from its class's process), is clamped to [0, 1] and
+method=ar draws one per image from its class's process; method=em has one per image), is clamped to [0, 1] and
 quantised to uint8 so that it stays within epsilon of the clean image (L-inf, after
 rounding). Labels are unchanged; val/test are copied untouched. The perturbations stay in
 RUN_DIR/perturbations.h5 and never enter the export.
@@ -9,6 +9,7 @@ RUN_DIR/perturbations.h5 and never enter the export.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -16,10 +17,10 @@ from .comm import Comm
 from .config import config_hash
 from .diskspace import require_free
 from .generator import add_perturbation, cluster_of_index, load_perturbations, load_targets
-from .reader import ShardedDataset
+from .reader import ShardedDataset, chunk_rows
 from .rundir import RunDir
 from .npz_stream import CHUNK_BYTES, write_medmnist_npz
-from .shards import ShardSetWriter
+from .shards import ShardSetWriter, partition
 from .stages import METHODS
 
 
@@ -54,8 +55,9 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     image_bytes = data.image_size ** 2 * data.channels
     require_free(run.root, 2 * image_bytes * sum(s["count"] for s in splits.values()),  # shards + npz
                  "the export (protected/ and protected.npz)")
-    rows = max(1, int(cfg["export"]["chunk_mib"] * 2**20) // (4 * image_bytes))  # float32 working copies
-    chunks = comm.allgather(-(-len(data) // rows))  # each rank's shard count, for global shard ids
+    rows = chunk_rows(cfg["export"]["chunk_mib"] * 2**20, image_bytes, 4)  # float32 working copies
+    chunks = [-(-(stop - start) // rows) for start, stop in  # each rank's shard count, for global ids
+              (partition(data.num_samples, comm.size, r, True) for r in range(comm.size))]
     first, total = sum(chunks[:comm.rank]), max(1, sum(chunks))
     perturb = chunk_protector(cfg, run, data.manifest, comm, data.image_size)
     source = data.manifest
@@ -70,7 +72,7 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
         if comm.is_root:
             for split in others:  # copied untouched, a bounded chunk at a time
                 clean = ShardedDataset(cfg["data_dir"], split, None, full=True, cache="never")
-                rows = max(1, CHUNK_BYTES // image_bytes)
+                rows = chunk_rows(CHUNK_BYTES, image_bytes, 1)
                 shards = max(1, -(-clean.num_samples // rows))
                 for i, chunk in enumerate(clean.chunks_by_index(rows)):
                     writer.write(split, *chunk, shard_id=i, num_shards=shards)
@@ -89,27 +91,37 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     return {"train_images": int(data.num_samples)}
 
 
-def sample_perturbations(cfg: dict, run: RunDir, clusters: np.ndarray, index: np.ndarray,
-                         size: int) -> np.ndarray:
-    """Each local image's δ (N×H×W×C): its cluster's (or class's) row of perturbations.h5, or
-    for method=ar a fresh draw from its class's AR process, seeded by its sample id (hpc_uc.ar)."""
+def perturbation_source(cfg: dict, run: RunDir, size: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``delta_of(clusters, index) -> N×H×W×C``, with perturbations.h5 read once: each image's
+    cluster's (or class's) row; for method=ar a fresh draw from its class's AR process seeded
+    by its sample id (hpc_uc.ar); for method=em its own δ, by sample id (hpc_uc.em)."""
     if cfg["method"] == "ar":
-        from .ar import sample_perturbations as ar_samples
+        from .ar import ar_perturbations, load_coefficients
 
-        return ar_samples(cfg, run.perturbations, clusters, index, size).transpose(0, 2, 3, 1)
-    return load_perturbations(run.perturbations).transpose(0, 2, 3, 1)[clusters]  # K×H×W×C -> N×H×W×C
+        coefficients = load_coefficients(run.perturbations)
+        return lambda clusters, index: ar_perturbations(
+            coefficients, clusters, index, size, cfg["epsilon"], cfg["norm"], cfg["seed"]).transpose(0, 2, 3, 1)
+    if cfg["method"] == "em":
+        from .em import SampleNoise
+
+        noise = SampleNoise(run.perturbations)
+        return lambda clusters, index: noise(index).transpose(0, 2, 3, 1)
+    table = load_perturbations(run.perturbations).transpose(0, 2, 3, 1)  # K×H×W×C
+    return lambda clusters, index: table[clusters]
 
 
 def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: int):
     """``perturb(images, labels, index) -> protected uint8 images`` for one chunk of this rank's
-    training images: each image's δ (:func:`sample_perturbations`), refined per image when
+    training images: each image's δ (:func:`perturbation_source`), refined per image when
     ``refine.steps`` > 0 (hpc_uc.refine; the surrogate is loaded once), added and quantised."""
     refine_step = refiner(cfg, run, manifest, comm) if cfg["refine"]["steps"] > 0 else None
-    cluster_of = None if METHODS[cfg["method"]].label_wise else cluster_of_index(run.clusters)
+    needs_clusters = "cluster" in METHODS[cfg["method"]].stages
+    cluster_of = cluster_of_index(run.clusters) if needs_clusters else None
+    delta_of = perturbation_source(cfg, run, size)
 
     def perturb(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> np.ndarray:
         clusters = labels[:, 0] if cluster_of is None else cluster_of[index]
-        delta = sample_perturbations(cfg, run, clusters, index, size)
+        delta = delta_of(clusters, index)
         if refine_step is not None:
             delta = refine_step(images, delta, clusters)
         return protect(images, delta, cfg["epsilon"], cfg["norm"], cfg["generator"]["boundary"])

@@ -9,7 +9,7 @@ import yaml
 
 from .atomic import read_json, write_bytes, write_json
 from .config import get
-from .stages import STAGES, method_stages
+from .stages import RUN_KEYS, STAGES, method_stages
 
 DATA_MANIFEST = "data manifest"
 
@@ -24,7 +24,7 @@ def _data_manifest_digest(cfg: dict) -> str | None:
 def stage_inputs(cfg: dict, stage: str) -> dict:
     """Every config value ``stage`` (and the method's stages before it) depends on, and the
     data's digest."""
-    keys: list[str] = []
+    keys: list[str] = list(RUN_KEYS)
     for earlier in method_stages(cfg["method"]):
         keys += earlier.keys
         if earlier.name == stage:

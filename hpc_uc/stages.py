@@ -91,6 +91,12 @@ def _train_ar(cfg: dict, comm: Comm, run: RunDir) -> dict:
     return run_ar(cfg, comm, run)
 
 
+def _train_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
+    from .em import run_em
+
+    return run_em(cfg, comm, run)
+
+
 # ---- up-front checks ----------------------------------------------------------------------
 def _check_surrogate(cfg: dict, manifest: dict) -> None:
     """A weights file that will not load (torch is imported only for a file)."""
@@ -121,14 +127,15 @@ def _check_evaluate(cfg: dict, manifest: dict) -> None:
 
 
 # ---- the registry -------------------------------------------------------------------------
+# what every stage depends on, whichever stage a method starts with (method=em has no surrogate)
+RUN_KEYS = ("dataset", "data_dir", "seed", "lr_scaling", "base_batch_size", "warmup_epochs")
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("surrogate", "obtain and measure the surrogate feature extractor",
-          ("dataset", "data_dir", "seed", "surrogate", "lr_scaling", "base_batch_size", "warmup_epochs"),
+    Stage("surrogate", "obtain and measure the surrogate feature extractor", ("surrogate",),
           ("surrogate.pt", "surrogate.json"), _run_surrogate, _check_surrogate),
     Stage("cluster", "K-means of the training split in surrogate feature space",
           ("clusters", "kmeans"), ("clusters.npz",), _run_cluster, _check_cluster),
     Stage("train", "make the perturbations (UC: train one generator per cluster, data-parallel)",
-          ("method", "batch_size", "epsilon", "norm", "tile", "target_offset", "generator"),
+          ("method", "batch_size", "epsilon", "norm", "tile", "target_offset", "generator", "em"),
           ("perturbations.h5", "generators/generators.pt"), _run_train, _check_train),
     Stage("export", "write the protected dataset (shards + protected.npz)",
           ("refine", "export"), ("protected/manifest.json", "protected.npz"), _run_export),
@@ -143,6 +150,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("uc", "unlearnable-clusters", _train_uc, tuple(STAGES)),
     Method("classwise", "class-wise-random-noise", _train_classwise, _LABEL_WISE_STAGES, label_wise=True),
     Method("ar", "autoregressive-perturbations", _train_ar, _LABEL_WISE_STAGES, label_wise=True),
+    # its own classifier is trained with the noise: no surrogate, no clusters
+    Method("em", "error-minimising-noise", _train_em, ("train", "export", "evaluate")),
 )}
 
 

@@ -175,6 +175,35 @@ def test_ar_method_end_to_end(finished_run, tmp_path):
     assert np.abs(diff).max() <= 16 and np.abs(diff).mean() > 1.0
 
 
+def test_em_method_end_to_end(finished_run, tmp_path):
+    """method=em through train, export and verify, without surrogate or clusters: each image
+    carries its own δ from perturbations.h5 (by sample id), within epsilon after quantisation;
+    the rank's working file is gone and the secret is owner-only."""
+    import shutil
+
+    from hpc_uc.em import SampleNoise
+    from hpc_uc.pipeline import run_stage
+
+    cfg, run = finished_run
+    shutil.copytree(run.root, tmp_path / "em")
+    other = tiny_config(cfg["data_dir"], tmp_path / "em", "method=em", "em.rounds=1", "em.train_steps=2",
+                        "em.pgd_steps=2")
+    comm, moved = start(other)
+    for stage in ("train", "export"):
+        run_stage(stage, other, comm, moved)
+    assert verify(moved.protected)["extra"]["protection"]["method"] == "error-minimising-noise"
+    assert stat.S_IMODE(moved.perturbations.stat().st_mode) == 0o600 and not (moved.root / "em-parts").exists()
+    clean, _, index = read_whole_split(cfg["data_dir"], "train")
+    prot, _, prot_index = read_whole_split(moved.protected, "train")
+    prot = prot[np.argsort(prot_index)]
+    delta = SampleNoise(moved.perturbations)(index)
+    assert np.array_equal(prot, protect(clean, delta.transpose(0, 2, 3, 1), other["epsilon"], "linf",
+                                        other["generator"]["boundary"]))
+    diff = prot.astype(np.int16) - clean.astype(np.int16)
+    assert np.abs(diff).max() <= 16 and np.abs(diff).mean() > 1.0
+    assert len({d.tobytes() for d in delta[:50]}) == 50  # one δ per image, not per class
+
+
 def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
     """export.chunk_mib bounds the export's working memory: a chunk of 50 images per shard gives
     the same protected images as the one-chunk export, over 26 shards."""

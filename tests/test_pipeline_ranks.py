@@ -133,6 +133,36 @@ def test_sweep_over_seeds_writes_tables_and_resumes(clustered, digits_dir, tmp_p
     assert third.stdout.count("up to date, skipped") == 2 * (2 + 2 * 3) and " done in " not in third.stdout
 
 
+def em_noise(run_dir: Path) -> np.ndarray:
+    """perturbations.h5's sample-wise noise (method=em), in sample-id order."""
+    with h5py.File(run_dir / "perturbations.h5") as f:
+        index = f["index"][()]
+        assert len(np.unique(index)) == len(index)
+        return f["samples"][()][np.argsort(index)]
+
+
+def test_em_on_two_ranks(digits_dir, tmp_path):
+    """method=em data-parallel: with no steps the noise is its seeded start, the same on 1 and 2
+    ranks; with steps the whole pipeline runs on 2 ranks (no surrogate, no clusters), the ranks'
+    parts are merged into one file of every image's δ and the export verifies."""
+    backend = "horovod" if horovod_available() else "torch"
+    common = ["train", CONFIG, *TINY, "method=em", "em.rounds=1", f"backend={backend}", f"data_dir={digits_dir}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert hpc_uc([*common, "em.train_steps=0", "em.pgd_steps=0", f"run_dir={one}"]).returncode == 0
+    assert hpc_uc([*common, "em.train_steps=0", "em.pgd_steps=0", f"run_dir={two}"], np=2).returncode == 0
+    start = em_noise(one)
+    assert start.shape == (1257, 1, 28, 28) and np.array_equal(start, em_noise(two))
+    run = tmp_path / "run"
+    proc = hpc_uc(["run", *common[1:], "em.train_steps=3", "em.pgd_steps=2", f"run_dir={run}"], np=2)
+    assert proc.returncode == 0, proc.stderr
+    assert "train: em round 1/1" in proc.stdout and not (run / "surrogate.pt").exists()
+    assert json.loads((run / "results.json").read_text())["world_size"] == 2
+    trained = em_noise(run)
+    assert trained.shape == start.shape and not np.array_equal(trained, start) and np.abs(trained).max() <= 16
+    assert not (run / "em-parts").exists()
+    assert subprocess.run([venv_bin("hpc-uc"), "verify", str(run / "protected")]).returncode == 0
+
+
 def test_224px_rgb_pipeline_on_two_ranks(tmp_path):
     """The size the paper ran at (its configs: Pets, Flowers102, MedMNIST at 224): real
     BreastMNIST images upscaled to 224 px RGB in PathMNIST's layout, the whole pipeline on 2

@@ -12,7 +12,7 @@ from conftest import REPO, replace_stage_bodies, tiny_config
 from hpc_uc.config import CHOICES
 from hpc_uc.errors import UserError
 from hpc_uc.pipeline import check_inputs, run_all, start
-from hpc_uc.stages import METHODS, STAGES
+from hpc_uc.stages import METHODS, RUN_KEYS, STAGES
 
 
 def test_every_method_is_registered_and_runs_its_stages_in_order():
@@ -21,13 +21,16 @@ def test_every_method_is_registered_and_runs_its_stages_in_order():
     for method in METHODS.values():
         assert [order.index(name) for name in method.stages] == sorted(order.index(n) for n in method.stages)
         assert {"train", "export", "evaluate"} <= set(method.stages)
-    keys = [key for stage in STAGES.values() for key in stage.keys]
+    keys = [*RUN_KEYS, *(key for stage in STAGES.values() for key in stage.keys)]
     assert len(keys) == len(set(keys)), "a key belongs to one stage"
 
 
 def test_label_wise_methods_skip_the_clusters():
     for method in METHODS.values():
-        assert ("cluster" in method.stages) == (not method.label_wise), method.name
+        if method.label_wise:
+            assert "cluster" not in method.stages, method.name
+    assert "cluster" in METHODS["uc"].stages
+    assert METHODS["em"].stages == ("train", "export", "evaluate")  # its own model: no surrogate
 
 
 def _changed(value):
@@ -45,6 +48,12 @@ def test_changing_a_key_reruns_exactly_its_stage_and_the_later_ones(method, digi
     stages = METHODS[method].stages
     run_all(cfg, comm, run)
     assert ran == list(stages)
+    for key in RUN_KEYS:  # the data, the seed, the lr rule: every stage the method runs
+        cfg = copy.deepcopy(cfg)
+        cfg[key] = _changed(cfg[key])
+        ran.clear()
+        run_all(cfg, comm, run)
+        assert ran == list(stages), key
     for stage in STAGES.values():
         for key in stage.keys:
             if key == "method":
@@ -65,7 +74,7 @@ def test_switching_method_reruns_from_train_and_label_wise_runs_never_cluster(di
     comm, run = start(cfg)
     run_all(cfg, comm, run)
     assert ran == list(STAGES)
-    for method in ("classwise", "ar", "uc"):
+    for method in ("classwise", "ar", "em", "uc"):
         ran.clear()
         run_all({**cfg, "method": method}, comm, run)
         assert ran == ["train", "export", "evaluate"], method  # the surrogate (and clusters) kept

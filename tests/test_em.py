@@ -1,0 +1,116 @@
+"""method=em: sample-wise error-minimising noise (hpc_uc.em) — budget, seed, noise steps, files."""
+from __future__ import annotations
+
+import stat
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hpc_uc.config import load_config
+from hpc_uc.em import NoiseStore, SampleNoise, grey_levels, initial_levels, merge_parts, minimise_noise
+from hpc_uc.errors import UserError
+from hpc_uc.rundir import RunDir
+from hpc_uc.training import classification_loss
+
+EPS = 16 / 255
+SHAPE = (3, 8, 8)
+
+
+def test_grey_levels_truncate_toward_zero_and_keep_exact_levels():
+    delta = torch.tensor([16 / 255, -16 / 255, 15.7 / 255, -15.7 / 255, 0.2 / 255, 0.0])
+    assert grey_levels(delta).tolist() == [16, -16, 15, -15, 0, 0]  # 16/255 * 255 is 15.99999 in float32
+    assert grey_levels(delta).dtype == torch.int16
+
+
+@pytest.mark.parametrize("norm, epsilon", [("linf", EPS), ("l2", 0.5)])
+def test_initial_noise_is_within_budget_after_quantisation(norm, epsilon):
+    levels = initial_levels(np.arange(20), SHAPE, epsilon, norm, seed=0).astype(np.float64) / 255
+    flat = levels.reshape(20, -1)
+    size = np.abs(flat).max(axis=1) if norm == "linf" else np.linalg.norm(flat, axis=1)
+    assert np.all(size <= epsilon + 1e-9)
+    assert np.all(size > 0.8 * epsilon)  # truncation costs at most one grey level per value
+
+
+def test_initial_noise_is_seeded_per_sample_id():
+    ids = np.array([3, 17, 40, 41])
+    a = initial_levels(ids, SHAPE, EPS, "linf", seed=1)
+    assert np.array_equal(a, initial_levels(ids, SHAPE, EPS, "linf", seed=1))
+    assert np.array_equal(a[[2, 0]], initial_levels(ids[[2, 0]], SHAPE, EPS, "linf", seed=1))  # any split
+    assert not np.array_equal(a, initial_levels(ids, SHAPE, EPS, "linf", seed=2))
+    assert not np.array_equal(a[0], a[1])
+
+
+def tiny_model(classes: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, classes))
+
+
+@pytest.mark.parametrize("norm, epsilon", [("linf", EPS), ("l2", 0.5)])
+@pytest.mark.parametrize("augment", [False, True])
+def test_noise_steps_lower_the_loss_within_budget_and_pixel_range(norm, epsilon, augment):
+    model = tiny_model()
+    x = torch.rand(16, *SHAPE)
+    x[:4] = 1.0  # saturated images: x + δ must stay in [0, 1]
+    y = torch.randint(0, 2, (16, 1))
+    start = torch.zeros_like(x)
+    gen = torch.Generator().manual_seed(0) if augment else None
+    delta = minimise_noise(model, x, start, y, "multi-class", epsilon, norm, 10, 0.2, gen, padding=1)
+    flat = delta.flatten(1)
+    size = flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+    assert torch.all(size <= epsilon * (1 + 1e-5)) and float(size.max()) > 0.5 * epsilon
+    assert float((x + delta).min()) >= 0 and float((x + delta).max()) <= 1
+    with torch.no_grad():
+        before = classification_loss(model(x), y, "multi-class")
+        after = classification_loss(model(x + delta), y, "multi-class")
+        opposite = classification_loss(model((x - delta).clamp(0, 1)), y, "multi-class")
+    assert float(after) < float(before) < float(opposite)  # minimised, not maximised
+
+
+def test_rank_parts_merge_into_one_owner_only_file_read_back_by_sample_id(tmp_path):
+    run = RunDir(tmp_path)
+    parts = [np.array([5, 1, 9]), np.array([0, 7])]  # each rank's sample ids, in its own order
+    levels = {}
+    for rank, ids in enumerate(parts):
+        store = NoiseStore(run.root / "em-parts" / f"part-{rank:05d}.h5", ids, SHAPE)
+        assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+        values = initial_levels(ids, SHAPE, EPS, "linf", seed=3)
+        store.write(store.rows_of(ids[::-1]), values[::-1])  # rows found by id, any order
+        assert np.array_equal(store.read(store.rows_of(ids)), values)
+        store.close()
+        levels.update(zip(ids.tolist(), values))
+    merge_parts(run, 2, SHAPE, {"epsilon": EPS, "norm": "linf", "seed": 3})
+    assert not (run.root / "em-parts").exists()
+    assert stat.S_IMODE(run.perturbations.stat().st_mode) == 0o600
+    with h5py.File(run.perturbations) as f:
+        assert f["samples"].shape == (5, *SHAPE) and sorted(f["index"][()]) == [0, 1, 5, 7, 9]
+    noise = SampleNoise(run.perturbations)
+    ids = np.array([9, 0, 5])
+    expected = np.stack([levels[i] for i in ids.tolist()]).astype(np.float32) / 255
+    assert np.array_equal(noise(ids), expected)
+    with pytest.raises(UserError, match="no noise for some training images"):
+        noise(np.array([2]))
+
+
+def test_noise_of_another_method_is_refused(tmp_path):
+    with h5py.File(tmp_path / "perturbations.h5", "w") as f:
+        f["delta"] = np.zeros((2, *SHAPE), np.float32)
+    with pytest.raises(UserError, match="not made by method=em"):
+        SampleNoise(tmp_path / "perturbations.h5")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tile=4", "set it to 0 for method=em"),
+    ("refine.steps=2", "set it to 0 for method=em"),
+    ("em.rounds=-1", "em.rounds"),
+    ("em.step_size=2", "em.step_size"),
+    ("em.lr=0", "em.lr"),
+    ("em.stem=huge", "em.stem"),
+])
+def test_em_settings_are_checked(override, message):
+    assert load_config(None, ["method=em"])["em"]["rounds"] == 10
+    with pytest.raises(UserError, match=message):
+        load_config(None, ["method=em", override])
