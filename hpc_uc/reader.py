@@ -90,6 +90,7 @@ class ShardedDataset:
                             f"fewer than the {self.size} ranks")
         self.start, self.stop = partition(self.num_samples, self.size, self.rank, full)
         self._shards: dict[int, _Shard] = {}
+        self._hashed: set[int] = set()
         image_bytes = self.image_size ** 2 * self.channels
         self.cached = cache == "always" or (cache == "auto" and len(self) * image_bytes
                                              <= cache_budget(getattr(comm, "local_size", 1)))
@@ -97,7 +98,7 @@ class ShardedDataset:
         self._touch(self.positions())
         if self.cached:
             self._arrays()
-            self.close()
+        self.close()  # checked; each reopens when read (an open shard's HDF5 state grows with reads)
 
     # ---- metadata ------------------------------------------------------------------------
     @property
@@ -184,8 +185,12 @@ class ShardedDataset:
                 yield tuple(a[lo:lo + rows] for a in arrays)
             return
         positions = self.positions()
+        shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
         for lo in range(0, len(positions), rows):
             yield self._read(positions[lo:lo + rows])
+            if lo + rows < len(positions):  # shards behind this point are not read again here
+                self._close_shards_before(int(shard_of[lo + rows]))
+        self._close_shards_before(len(self._offsets))
 
     def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = True,
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -231,7 +236,9 @@ class ShardedDataset:
     def _shard(self, shard: int) -> "_Shard":
         """An open shard: its images dataset, and its labels and index read whole (small)."""
         if shard not in self._shards:
-            f = open_shard(self.root, self.manifest, self.split, shard, check_hash=self._check_hash)
+            f = open_shard(self.root, self.manifest, self.split, shard,
+                           check_hash=self._check_hash and shard not in self._hashed)
+            self._hashed.add(shard)  # a shard reopened later is not hashed again
             self._shards[shard] = _Shard(f, f["images"], f["labels"][:], f["index"][:])
         return self._shards[shard]
 
@@ -257,6 +264,12 @@ class ShardedDataset:
             images[lo:hi] = _take(opened.images, local)
             labels[lo:hi], index[lo:hi] = opened.labels[local], opened.index[local]
         return images, labels, index
+
+    def _close_shards_before(self, shard: int) -> None:
+        """Close the open shards numbered below ``shard``: an open shard holds HDF5 metadata
+        that grows with the chunks read from it."""
+        for i in [i for i in self._shards if i < shard]:
+            self._shards.pop(i).file.close()
 
     def close(self) -> None:
         """Close the open shard files (they reopen on demand)."""
