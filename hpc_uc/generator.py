@@ -27,6 +27,7 @@ from .config import check_world, scaled_lr
 from .errors import UserError
 from .models import Generator, perturbation
 from .reader import ShardedDataset
+from .shards import is_multilabel
 from .rundir import RunDir, stage_key
 from .surrogate import load_frozen_surrogate
 from .training import MetricsLog, lr_at, progress, set_lr
@@ -67,7 +68,7 @@ def choose_targets(centroids: torch.Tensor, mode: str, offset: int = 1,
 
 def cluster_majority(data: ShardedDataset, cluster_of: np.ndarray, k: int, comm: Comm) -> np.ndarray | None:
     """Majority class of each cluster over the whole training split (None for multi-label)."""
-    if data.task.startswith("multi-label"):
+    if is_multilabel(data.task):
         return None
     counts = torch.zeros(k, data.num_classes, dtype=torch.float64)
     for _, labels, idx in data.batches(4096, epoch=0, shuffle=False, drop_last=False):

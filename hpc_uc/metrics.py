@@ -25,6 +25,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import roc_auc_score
 
 from .errors import UserError
+from .shards import is_multilabel
 
 TASKS = ("multi-class", "binary-class", "multi-label, binary-class", "ordinal-regression")
 THRESHOLD = 0.5
@@ -35,7 +36,7 @@ def _check(task: str, labels: np.ndarray, scores: np.ndarray | None = None) -> N
         raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if labels.ndim != 2 or len(labels) == 0:
         raise UserError(f"labels must be a non-empty N×L array, got shape {labels.shape}")
-    multilabel = task.startswith("multi-label")
+    multilabel = is_multilabel(task)
     if not multilabel and labels.shape[1] != 1:
         raise UserError(f"{task} labels must be N×1, got shape {labels.shape}")
     if scores is None:
@@ -51,13 +52,13 @@ def _check(task: str, labels: np.ndarray, scores: np.ndarray | None = None) -> N
 def probabilities(task: str, scores: np.ndarray) -> np.ndarray:
     """Logits → MedMNIST's scores: sigmoid for multi-label, softmax over classes otherwise."""
     logits = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
-    if task.startswith("multi-label"):
+    if is_multilabel(task):
         return torch.sigmoid(logits).numpy()
     return torch.softmax(logits, dim=1).numpy()
 
 
 def _acc(task: str, labels: np.ndarray, probs: np.ndarray) -> float:
-    if task.startswith("multi-label"):
+    if is_multilabel(task):
         return float(np.mean([np.mean(labels[:, i] == (probs[:, i] > THRESHOLD))
                               for i in range(labels.shape[1])]))
     y = labels[:, 0]
@@ -69,7 +70,7 @@ def _acc(task: str, labels: np.ndarray, probs: np.ndarray) -> float:
 def _auc(task: str, labels: np.ndarray, probs: np.ndarray) -> float | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        if task.startswith("multi-label"):
+        if is_multilabel(task):
             per_column = [roc_auc_score(labels[:, i], probs[:, i]) for i in range(probs.shape[1])]
         elif task == "binary-class":
             per_column = [roc_auc_score(labels[:, 0], probs[:, -1])]
@@ -98,7 +99,7 @@ def chance_accuracy(labels: np.ndarray, task: str) -> float:
     """
     labels = np.asarray(labels)
     _check(task, labels)
-    if task.startswith("multi-label"):
+    if is_multilabel(task):
         positive = (labels == 1).mean(axis=0)
         return float(np.maximum(positive, 1.0 - positive).mean())
     _, counts = np.unique(labels[:, 0], return_counts=True)
@@ -111,7 +112,7 @@ def prior_loss(labels: np.ndarray, task: str, num_classes: int) -> float:
     victims' cross-entropy / BCE reaches by learning nothing about the images."""
     labels = np.asarray(labels)
     _check(task, labels)
-    if task.startswith("multi-label"):
+    if is_multilabel(task):
         p = np.clip((labels == 1).mean(axis=0), 1e-12, 1 - 1e-12)
         return float((-(p * np.log(p) + (1 - p) * np.log(1 - p))).mean())
     p = np.bincount(labels[:, 0], minlength=num_classes) / len(labels)

@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from .metrics import medmnist_metrics
+from .shards import is_multilabel
 
 _CONSTANT_LOGIT = 30.0  # a label that the few samples never vary: predict it with certainty
 
@@ -26,7 +27,7 @@ def stratified_indices(labels: np.ndarray, n: int, task: str, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     if n >= len(labels):
         return np.arange(len(labels))
-    if task.startswith("multi-label"):
+    if is_multilabel(task):
         return np.sort(rng.choice(len(labels), n, replace=False))
     y = labels[:, 0]
     classes, counts = np.unique(y, return_counts=True)
@@ -60,7 +61,7 @@ def refit_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     """Test scores (logits for MedMNIST's metrics, N x C) of the re-fitted head."""
     scaler = StandardScaler().fit(train_x)
     a, b = scaler.transform(train_x), scaler.transform(test_x)
-    if task.startswith("multi-label"):
+    if is_multilabel(task):
         cols = []
         for j in range(train_y.shape[1]):
             fit = _fit_column(a, train_y[:, j], seed)

@@ -63,9 +63,14 @@ def shard_bounds(count: int, num_shards: int) -> list[tuple[int, int]]:
     return [partition(count, num_shards, i, full=True) for i in range(num_shards)]
 
 
+def is_multilabel(task: str) -> bool:
+    """Whether a MedMNIST task string names several binary labels per image (N×L labels)."""
+    return task.startswith("multi-label")
+
+
 def label_width(task: str, num_classes: int) -> int:
     """Columns of the label array: one per class for multi-label tasks, else one."""
-    return num_classes if task.startswith("multi-label") else 1
+    return num_classes if is_multilabel(task) else 1
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
+from .shards import is_multilabel
 
 if TYPE_CHECKING:
     from .comm import Comm
@@ -113,7 +114,7 @@ def _check_cluster(cfg: dict, manifest: dict) -> None:
 
 
 def _check_train(cfg: dict, manifest: dict) -> None:
-    if METHODS[cfg["method"]].label_wise and manifest["task"].startswith("multi-label"):
+    if METHODS[cfg["method"]].label_wise and is_multilabel(manifest["task"]):
         raise UserError(f"method={cfg['method']} needs one class per image; "
                         f"{Path(cfg['data_dir'])} is {manifest['task']}")
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .atomic import append_jsonl
 from .comm import Comm
+from .shards import is_multilabel
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.0) -> float:
@@ -35,10 +36,6 @@ def progress(items: Iterable, comm: Comm, desc: str, total: int | None = None) -
 
         return iter(tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True))
     return iter(items)
-
-
-def is_multilabel(task: str) -> bool:
-    return task.startswith("multi-label")
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
