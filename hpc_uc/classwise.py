@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .comm import Comm
-from .errors import UserError
 from .generator import save_perturbations
 from .models import tile_pattern
 from .rundir import RunDir
