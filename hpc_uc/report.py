@@ -6,6 +6,7 @@ from typing import Any
 
 from .atomic import read_json, write_bytes
 from .errors import UserError
+from .stages import METHODS
 
 # field -> allowed types (None allowed where a metric can be undefined); docs/results.md
 _NUM = (int, float)
@@ -99,12 +100,15 @@ def render(doc: dict) -> str:
                          f"final training loss is {_fmt(clean['final_train_loss'])}, the class prior alone gives "
                          f"{_fmt(doc['prior_loss'])}; a victim that learns little from either copy measures little "
                          f"-- give it more steps: more epochs or a smaller victim.batch_size)")
+    method = doc.get("method", "uc")
+    stages = METHODS[method].stages if method in METHODS else ()
     lines += [
         "",
-        f"method {doc.get('method', 'uc')}, {doc['world_size']} rank(s), backend {doc['backend']}, "
-        f"global batch {doc['batch_size']}, "
-        f"epsilon {doc['epsilon']:.4f} ({doc['norm']}), K = {doc['clusters']}, profile {doc['profile']}, "
-        f"seed {doc['seed']}, surrogate val acc {_fmt(doc['surrogate_val_acc'])}",
+        f"method {method}, {doc['world_size']} rank(s), backend {doc['backend']}, "
+        f"global batch {doc['batch_size']}, epsilon {doc['epsilon']:.4f} ({doc['norm']}), "
+        + (f"K = {doc['clusters']}, " if "cluster" in stages else "")  # only what the method used
+        + f"profile {doc['profile']}, seed {doc['seed']}"
+        + (f", surrogate val acc {_fmt(doc['surrogate_val_acc'])}" if "surrogate" in stages else ""),
         "",
         "Protection = share of the clean-vs-chance gap closed (0 none, 1 chance); the headline is "
         "the smallest of the three.",

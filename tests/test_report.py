@@ -82,3 +82,12 @@ def test_a_damaged_document_is_refused_with_the_field_named(mutate, message):
     mutate(doc)
     with pytest.raises(UserError, match=message):
         validate_results(doc)
+
+
+def test_the_run_line_names_only_what_the_method_used():
+    text = render(DOC)  # uc: clusters and surrogate
+    assert "K = 3" in text and "surrogate val acc 0.900" in text
+    text = render({**DOC, "method": "em"})  # its own model: neither
+    assert "method em" in text and "K = " not in text and "surrogate val acc" not in text
+    text = render({**DOC, "method": "classwise"})  # the surrogate runs, for the report
+    assert "K = " not in text and "surrogate val acc 0.900" in text
