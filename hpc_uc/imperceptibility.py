@@ -17,6 +17,7 @@ go through SSIM in batches of a bounded number of pixels, so memory stays bounde
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -37,7 +38,9 @@ def _batch(images: np.ndarray, start: int, stop: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images[start:stop])).permute(0, 3, 1, 2).double() / 255.0
 
 
+@functools.lru_cache(maxsize=None)
 def _gaussian(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """The normalised 1-D Gaussian window (made once; callers do not modify it)."""
     dist = torch.arange((1 - size) / 2, (1 + size) / 2, 1, dtype=torch.float64)
     g = torch.exp(-(dist / sigma) ** 2 / 2)
     return g / g.sum()
