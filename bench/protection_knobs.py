@@ -9,6 +9,9 @@ and prints ROOT/knobs.md (mean ± sd over seeds).
     python bench/protection_knobs.py configs/digits.yaml --root runs/knobs-digits --seeds 0,1,2 \\
         --common "profile=fast" --variant "today=" \\
         --variant "deep=generator.target=cross_class generator.augment=true refine.steps=5"
+
+With ``defenses=[jpeg10,pgd]`` in ``--common`` every defended victim gets its own rows
+(victim ``+jpeg10``, ...) beside the protected one.
 """
 from __future__ import annotations
 
@@ -73,23 +76,26 @@ def run_variant(config: str, base: Path, run_dir: Path, overrides: list[str], ra
 
 
 def rows_of(variant: str, seed: int, r: dict) -> list[dict]:
+    """One row per protocol and victim: the protected one, then each defense's (``+name``)."""
     rows = []
     for protocol, v in r["protocols"].items():
-        f = r["protection"][protocol]
-        rows.append({"variant": variant, "seed": seed, "protocol": protocol,
-                     "clean_acc": v["clean"]["test_acc"], "clean_auc": v["clean"]["test_auc"],
-                     "clean_recal": v["clean"]["recalibrated_acc"], "acc": v["protected"]["test_acc"],
-                     "auc": v["protected"]["test_auc"], "recal": v["protected"]["recalibrated_acc"],
-                     "share_acc": f["acc"], "share_auc": f["auc"], "share_recal": f["recalibrated_acc"],
-                     "headline": f["headline"], "psnr_db": r["psnr_db"], "ssim": r["ssim"],
-                     "untrained_recal": r["untrained"]["recalibrated_acc"], "chance": r["chance_acc"],
-                     "protect_s": r["stage_seconds"].get("train", 0) + r["stage_seconds"].get("export", 0)})
+        victims = [("protected", v["protected"], r["protection"][protocol])]
+        victims += [(f"+{name}", d, d["protection"]) for name, d in v.get("defenses", {}).items()]
+        for victim, m, f in victims:
+            rows.append({"variant": variant, "seed": seed, "protocol": protocol, "victim": victim,
+                         "clean_acc": v["clean"]["test_acc"], "clean_auc": v["clean"]["test_auc"],
+                         "clean_recal": v["clean"]["recalibrated_acc"], "acc": m["test_acc"],
+                         "auc": m["test_auc"], "recal": m["recalibrated_acc"],
+                         "share_acc": f["acc"], "share_auc": f["auc"], "share_recal": f["recalibrated_acc"],
+                         "headline": f["headline"], "psnr_db": r["psnr_db"], "ssim": r["ssim"],
+                         "untrained_recal": r["untrained"]["recalibrated_acc"], "chance": r["chance_acc"],
+                         "protect_s": r["stage_seconds"].get("train", 0) + r["stage_seconds"].get("export", 0)})
     return rows
 
 
 def summary(rows: list[dict]) -> str:
     """Mean ± sd over seeds per (variant, protocol)."""
-    head = ("| variant | protocol | seeds | clean ACC / AUC / recal | protected ACC | protected AUC | "
+    head = ("| variant | protocol | victim | seeds | clean ACC / AUC / recal | test ACC | test AUC | "
             "recal ACC | share ACC / AUC / recal | **headline** | PSNR dB / SSIM | untrained recal | "
             "train+export s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -100,12 +106,14 @@ def summary(rows: list[dict]) -> str:
             return "n/a"
         return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.{digits}f}"
 
-    keys = sorted({(r["variant"], r["protocol"]) for r in rows}, key=lambda k: ([r["variant"] for r in rows].index(k[0]), k[1]))
-    for variant, protocol in keys:
-        mine = [r for r in rows if r["variant"] == variant and r["protocol"] == protocol]
+    order = [r["variant"] for r in rows]
+    keys = sorted({(r["variant"], r["protocol"], r["victim"]) for r in rows},
+                  key=lambda k: (order.index(k[0]), k[1], k[2] != "protected", k[2]))
+    for variant, protocol, victim in keys:
+        mine = [r for r in rows if (r["variant"], r["protocol"], r["victim"]) == (variant, protocol, victim)]
         col = {k: [r[k] for r in mine] for k in FIGURES}
         lines.append(
-            f"| {variant} | {protocol} | {len(mine)} | {ms(col['clean_acc'], 2)} / {ms(col['clean_auc'], 2)} / "
+            f"| {variant} | {protocol} | {victim} | {len(mine)} | {ms(col['clean_acc'], 2)} / {ms(col['clean_auc'], 2)} / "
             f"{ms(col['clean_recal'], 2)} | {ms(col['acc'])} | {ms(col['auc'])} | {ms(col['recal'])} | "
             f"{ms(col['share_acc'], 2)} / {ms(col['share_auc'], 2)} / {ms(col['share_recal'], 2)} | "
             f"**{ms(col['headline'])}** | {ms(col['psnr_db'], 1)} / {ms(col['ssim'], 2)} | "
