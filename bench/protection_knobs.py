@@ -77,24 +77,25 @@ def run_variant(config: str, base: Path, run_dir: Path, overrides: list[str], ra
 
 def rows_of(variant: str, seed: int, r: dict) -> list[dict]:
     """One row per protocol and victim: the protected one, then each defense's (``+name``)."""
+    run = {"psnr_db": r["psnr_db"], "ssim": r["ssim"],
+           "untrained_recal": r["untrained"]["recalibrated_acc"], "chance": r["chance_acc"],
+           "protect_s": r["stage_seconds"].get("train", 0) + r["stage_seconds"].get("export", 0)}
     rows = []
     for protocol, v in r["protocols"].items():
+        clean = {"clean_acc": v["clean"]["test_acc"], "clean_auc": v["clean"]["test_auc"],
+                 "clean_recal": v["clean"]["recalibrated_acc"]}
         victims = [("protected", v["protected"], r["protection"][protocol])]
         victims += [(f"+{name}", d, d["protection"]) for name, d in v.get("defenses", {}).items()]
         for victim, m, f in victims:
-            rows.append({"variant": variant, "seed": seed, "protocol": protocol, "victim": victim,
-                         "clean_acc": v["clean"]["test_acc"], "clean_auc": v["clean"]["test_auc"],
-                         "clean_recal": v["clean"]["recalibrated_acc"], "acc": m["test_acc"],
-                         "auc": m["test_auc"], "recal": m["recalibrated_acc"],
+            rows.append({"variant": variant, "seed": seed, "protocol": protocol, "victim": victim, **clean,
+                         "acc": m["test_acc"], "auc": m["test_auc"], "recal": m["recalibrated_acc"],
                          "share_acc": f["acc"], "share_auc": f["auc"], "share_recal": f["recalibrated_acc"],
-                         "headline": f["headline"], "psnr_db": r["psnr_db"], "ssim": r["ssim"],
-                         "untrained_recal": r["untrained"]["recalibrated_acc"], "chance": r["chance_acc"],
-                         "protect_s": r["stage_seconds"].get("train", 0) + r["stage_seconds"].get("export", 0)})
+                         "headline": f["headline"], **run})
     return rows
 
 
 def summary(rows: list[dict]) -> str:
-    """Mean ± sd over seeds per (variant, protocol)."""
+    """Mean ± sd over seeds per (variant, protocol, victim), variants in the order first seen."""
     head = ("| variant | protocol | victim | seeds | clean ACC / AUC / recal | test ACC | test AUC | "
             "recal ACC | share ACC / AUC / recal | **headline** | PSNR dB / SSIM | untrained recal | "
             "train+export s |")
@@ -106,11 +107,13 @@ def summary(rows: list[dict]) -> str:
             return "n/a"
         return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.{digits}f}"
 
-    order = [r["variant"] for r in rows]
-    keys = sorted({(r["variant"], r["protocol"], r["victim"]) for r in rows},
-                  key=lambda k: (order.index(k[0]), k[1], k[2] != "protected", k[2]))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["protocol"], r["victim"]), []).append(r)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    keys = sorted(groups, key=lambda k: (variants.index(k[0]), k[1], k[2] != "protected", k[2]))
     for variant, protocol, victim in keys:
-        mine = [r for r in rows if (r["variant"], r["protocol"], r["victim"]) == (variant, protocol, victim)]
+        mine = groups[(variant, protocol, victim)]
         col = {k: [r[k] for r in mine] for k in FIGURES}
         lines.append(
             f"| {variant} | {protocol} | {victim} | {len(mine)} | {ms(col['clean_acc'], 2)} / {ms(col['clean_auc'], 2)} / "
