@@ -77,7 +77,8 @@ DEFAULTS: dict[str, Any] = {
         "step_size": 0.1,         # per step, as a fraction of epsilon
         "stop_accuracy": 0.99,    # stop once the model fits the perturbed training split this well
         "augment": True,          # the ue victim's crop + flip inside both steps (expectation):
-                                  # deeper on both study sets, both protocols (docs/efficacy.md)
+                                  # deeper on BreastMNIST, both protocols; digits: nothing protects
+                                  # (docs/efficacy.md)
         "arch": "resnet18",
         "stem": "auto",           # auto (small for <= 64 px) | small | standard
         "lr": 0.1,                # at global batch 128, scaled like the others (lr_scaling)
