@@ -2,8 +2,11 @@
 
 For a metric m, share = (clean_m - protected_m) / (clean_m - chance_m), clipped to [0, 1]:
 0 = the protected victim is as good as the clean one, 1 = it is no better than chance.
-Chance is the test split's majority rate for the accuracies and 0.5 for AUC. The headline
-is the smallest share: a protection is only as deep as its weakest reading.
+Chance is the test split's majority rate for the accuracies and 0.5 for AUC. A protected
+AUC below 0.5 is read as 1 - AUC: a victim that ranks the classes the wrong way round still
+separates them, and an attacker with a few labelled images turns its scores over (measured:
+AUC 0.146 on an RGB copy of BreastMNIST). The headline is the smallest share: a protection is
+only as deep as its weakest reading.
 """
 from __future__ import annotations
 
@@ -24,11 +27,17 @@ def gap_closed(clean: float | None, protected: float | None, chance: float) -> f
     return min(1.0, max(0.0, (clean - protected) / (clean - chance)))
 
 
+def ranking_auc(auc: float | None) -> float | None:
+    """How well scores separate the classes whichever way round they rank: max(AUC, 1 - AUC)."""
+    return None if auc is None else AUC_CHANCE + abs(auc - AUC_CHANCE)
+
+
 def protection_figures(clean: dict, protected: dict, chance_acc: float) -> dict[str, float | None]:
     """{"acc", "auc", "recalibrated_acc", "headline"} for one victim protocol."""
     chance = {"acc": chance_acc, "auc": AUC_CHANCE, "recalibrated_acc": chance_acc}
-    out = {m: gap_closed(clean.get(VICTIM_FIELD[m]), protected.get(VICTIM_FIELD[m]), chance[m])
-           for m in METRICS}
+    reading = {m: protected.get(VICTIM_FIELD[m]) for m in METRICS}
+    reading["auc"] = ranking_auc(reading["auc"])
+    out = {m: gap_closed(clean.get(VICTIM_FIELD[m]), reading[m], chance[m]) for m in METRICS}
     defined = [v for v in out.values() if v is not None]
     out["headline"] = min(defined) if defined else None
     return out

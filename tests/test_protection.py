@@ -18,6 +18,15 @@ def test_gap_closed_is_a_clipped_share():
     assert gap_closed(None, 0.5, 0.1) is None
 
 
+def test_reversed_ranking_is_read_as_the_ranking_it_hides():
+    """A protected AUC of 0.146 separates the classes as well as 0.854 does: the attacker
+    turns the scores over, so the AUC share is that of 0.854, not 1."""
+    figs = protection_figures(victim(0.936, 0.928, 0.891), victim(0.731, 0.146, 0.769), chance_acc=0.731)
+    assert figs["auc"] == pytest.approx((0.928 - 0.854) / (0.928 - 0.5))
+    assert figs["headline"] == pytest.approx(figs["auc"])
+    assert protection_figures(victim(0.9, 0.9, 0.9), victim(0.7, 0.5, 0.7), 0.7)["auc"] == 1.0
+
+
 def test_binary_victim_that_answers_one_class():
     """The issue's binary set: ACC below the majority rate, AUC and the re-fit still high."""
     figs = protection_figures(victim(0.862, 0.959, 0.85), victim(0.375, 0.780, 0.80), chance_acc=0.625)
