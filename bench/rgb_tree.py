@@ -1,47 +1,62 @@
-"""A 1-channel MedMNIST npz as an ImageFolder tree of RGB PNGs (the grey replicated), for
+"""A grey MedMNIST npz as an ImageFolder tree of RGB PNGs (the grey replicated), for
 measuring the grayscale defense where only grey sets are at hand (docs/methods.md).
 
-    python bench/rgb_tree.py ../shared/data/breastmnist.npz --out runs/breastmnist-rgb-tree
+    python bench/rgb_tree.py breastmnist --npz ../shared/data/breastmnist.npz --out runs/breastmnist-rgb-tree
     python -m data_prep imagefolder runs/breastmnist-rgb-tree --size 28 --name breastmnist_rgb \\
         --shards 8 --out data/breastmnist_rgb
 
+The npz is read and checked by data_prep's own loader (``data_prep.medmnist.load_npz``).
 Class directories are named ``<label>_c`` so that their sorted order is the label order.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from data_prep.medmnist import SPLITS, load_npz
+from hpc_uc.errors import UserError
 
-def write_tree(npz: Path, out: Path) -> dict[str, list[int]]:
+
+def write_tree(flag: str, npz: Path, out: Path, size: int) -> dict[str, list[int]]:
     """Write OUT/{train,val,test}/<label>_c/<index>.png; returns the class counts per split."""
+    from medmnist import INFO
+
+    if flag not in INFO or INFO[flag]["n_channels"] != 1:
+        raise UserError(f"{flag}: not a grey MedMNIST set (medmnist.INFO)")
     if out.exists():
-        raise SystemExit(f"error: {out} exists; choose a new --out")
-    data = np.load(npz)
+        raise UserError(f"{out} exists; choose a new --out")
+    splits = load_npz(npz, flag, INFO[flag], size)
     counts = {}
-    for split in ("train", "val", "test"):
-        images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
-        if images.ndim != 3:
-            raise SystemExit(f"error: {npz}: {split}_images has shape {images.shape}; expected N x H x W (grey)")
-        for index, (image, label) in enumerate(zip(images, labels)):
+    for split in SPLITS:
+        images, labels = splits[split]
+        for index, (image, label) in enumerate(zip(images, labels[:, 0])):
             folder = out / split / f"{int(label)}_c"
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.repeat(image[..., None], 3, axis=-1)).save(folder / f"{index:06d}.png")
-        counts[split] = np.bincount(labels).tolist()
+            Image.fromarray(np.repeat(image, 3, axis=-1)).save(folder / f"{index:06d}.png")
+        counts[split] = np.bincount(labels[:, 0]).tolist()
     return counts
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("npz", type=Path, help="a 1-channel MedMNIST npz (e.g. breastmnist.npz)")
+    parser.add_argument("flag", help="a grey MedMNIST set, e.g. breastmnist")
+    parser.add_argument("--npz", type=Path, required=True, help="its official npz")
+    parser.add_argument("--size", type=int, default=28, help="the npz's image side (default 28)")
     parser.add_argument("--out", type=Path, required=True, help="the tree to write (must not exist)")
     args = parser.parse_args()
-    for split, count in write_tree(args.npz, args.out).items():
+    try:
+        counts = write_tree(args.flag, args.npz, args.out, args.size)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for split, count in counts.items():
         print(f"{split}: {sum(count)} images, per class {count}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
