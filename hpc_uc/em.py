@@ -126,7 +126,8 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
     """Optimise the model and every image's δ together; write RUN_DIR/perturbations.h5."""
     e = cfg["em"]
     per_rank = check_world(cfg, comm.size)
-    data = ShardedDataset(cfg["data_dir"], "train", comm, seed=cfg["seed"], cache=cfg["cache"], full=True)
+    data = ShardedDataset(cfg["data_dir"], "train", comm, seed=cfg["seed"], cache=cfg["cache"],
+                          full=True, spread=True)  # every image, each rank a random part of them
     if len(data) < per_rank:
         raise UserError(f"batch_size={cfg['batch_size']} needs {per_rank} samples per rank; "
                         f"each rank holds {len(data)}")

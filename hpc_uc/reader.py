@@ -1,9 +1,11 @@
-"""ShardedDataset: each rank reads its own contiguous range of a shard set, in batches.
+"""ShardedDataset: each rank reads its own part of a shard set, in batches.
 
-Ranges (see docs/shard_format.md, "Remainder rule"): in training mode every rank gets
-``N // size`` contiguous samples of the split's global order and the last ``N % size`` are
-left out of the epoch; ``full=True`` gives the first ``N % size`` ranks one extra sample so
-that every sample is seen exactly once.
+Parts (see docs/shard_format.md, "Which samples a rank reads"): in training mode every rank
+gets ``N // size`` samples and ``N % size`` are left out of the epoch; ``full=True`` gives
+the first ``N % size`` ranks one extra sample so that every sample is seen exactly once.
+A training part is a seeded random draw from the whole split (``spread``), so what a rank
+trains on does not depend on how the shards are laid out (a class-sorted split would give
+each rank a few classes); one-pass parts (``full=True``) are contiguous ranges.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .shards import label_width, open_shard, partition, read_manifest, verify as
 CACHE_MODES = ("auto", "always", "never")
 CACHE_RAM_FRACTION = 0.25
 SPAN_READ_BYTES = 8 << 20  # read a covering slice instead of single rows up to this size
+SPREAD_STREAM = 0x5EED  # the random stream that deals a split's samples to the ranks
 
 
 _CACHE_BUDGET: list[int | None] = [None]  # bytes per rank; None: auto
@@ -65,12 +68,15 @@ class ShardedDataset:
     None means one process on the CPU. ``cache``: ``always`` keeps this rank's samples in
     memory as uint8, ``never`` reads every batch from the shards, ``auto`` caches when they
     take less than a quarter of the available RAM. ``verify``: None (default) checks the
-    sha256 of each shard this rank opens, True verifies the whole set on open, False checks
-    dataset shapes only.
+    sha256 of each shard whose first sample is in this rank's contiguous range (together the
+    ranks check every shard once), True verifies the whole set on open, False checks dataset shapes only.
+    ``spread`` (default: ``not full``): this rank's samples are a random draw from the whole
+    split, seeded by ``seed`` and the same on every rank, instead of a contiguous range.
     """
 
     def __init__(self, root: str | os.PathLike, split: str, comm: Any = None, seed: int = 0,
-                 cache: str = "auto", full: bool = False, verify: bool | None = None) -> None:
+                 cache: str = "auto", full: bool = False, verify: bool | None = None,
+                 spread: bool | None = None) -> None:
         if cache not in CACHE_MODES:
             raise UserError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
         self.root = Path(root)
@@ -78,6 +84,7 @@ class ShardedDataset:
         if split not in self.manifest["splits"]:
             raise UserError(f"{self.root}: no split {split!r} (has {', '.join(self.manifest['splits'])})")
         self.split, self.seed, self.full = split, seed, full
+        self.spread = not full if spread is None else spread
         self.rank = getattr(comm, "rank", 0)
         self.size = getattr(comm, "size", 1)
         self.device = getattr(comm, "device", torch.device("cpu"))
@@ -89,13 +96,17 @@ class ShardedDataset:
             raise UserError(f"{self.root}: split {split!r} has {self.num_samples} samples, "
                             f"fewer than the {self.size} ranks")
         self.start, self.stop = partition(self.num_samples, self.size, self.rank, full)
+        self._positions = (spread_positions(self.num_samples, self.start, self.stop, seed)
+                           if self.spread else np.arange(self.start, self.stop, dtype=np.int64))
         self._shards: dict[int, _Shard] = {}
-        self._hashed: set[int] = set()
+        lo, hi = partition(self.num_samples, self.size, self.rank, full=True)
+        owned = [s for s, c in enumerate(counts) if c and lo <= self._offsets[s] < hi]  # first sample here
+        self._hashed: set[int] = set(range(len(counts))) - set(owned)  # hashed by their owners
         image_bytes = self.image_size ** 2 * self.channels
         self.cached = cache == "always" or (cache == "auto" and len(self) * image_bytes
                                              <= cache_budget(getattr(comm, "local_size", 1)))
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._touch(self.positions())
+        self._touch(self._positions, owned)
         if self.cached:
             self._arrays()
         self.close()  # checked; each reopens when read (an open shard's HDF5 state grows with reads)
@@ -134,8 +145,13 @@ class ShardedDataset:
 
     # ---- which samples -------------------------------------------------------------------
     def positions(self) -> np.ndarray:
-        """Sorted global positions this rank reads (before the local shuffle)."""
-        return np.arange(self.start, self.stop, dtype=np.int64)
+        """Sorted global positions this rank reads (before the local shuffle): a seeded random
+        draw from the split when ``spread``, else ``start..stop``."""
+        return self._positions
+
+    def _shards_of(self, positions: np.ndarray) -> np.ndarray:
+        """The shard each global position is in."""
+        return np.searchsorted(self._offsets, positions, side="right") - 1
 
     def labels_by_index(self) -> tuple[np.ndarray, np.ndarray]:
         """``(labels, index)`` of the whole split (``full=True``) in ascending sample index
@@ -169,7 +185,7 @@ class ShardedDataset:
         if self.cached:
             return self._arrays()[2]
         positions = self.positions()
-        shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
+        shard_of = self._shards_of(positions)
         out = np.empty(len(positions), np.int64)
         for shard in np.unique(shard_of):
             pick = shard_of == shard
@@ -185,7 +201,7 @@ class ShardedDataset:
                 yield tuple(a[lo:lo + rows] for a in arrays)
             return
         positions = self.positions()
-        shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
+        shard_of = self._shards_of(positions)
         for lo in range(0, len(positions), rows):
             yield self._read(positions[lo:lo + rows])
             if lo + rows < len(positions):  # shards behind this point are not read again here
@@ -214,6 +230,8 @@ class ShardedDataset:
                 inverse = np.empty_like(sort)
                 inverse[sort] = np.arange(len(sort))
                 yield self._tensors(*(a[inverse] for a in self._read(positions[pick[sort]])))
+        if arrays is None:
+            self.close()  # a spread epoch opens every shard; their HDF5 state is let go each epoch
 
     def _tensors(self, images: np.ndarray, labels: np.ndarray, index: np.ndarray):
         """NHWC uint8 -> NCHW float in [0,1]: in numpy on the CPU (small torch ops there pay
@@ -242,9 +260,9 @@ class ShardedDataset:
             self._shards[shard] = _Shard(f, f["images"], f["labels"][:], f["index"][:])
         return self._shards[shard]
 
-    def _touch(self, positions: np.ndarray) -> None:
-        """Open (and so check) every shard that ``positions`` fall in."""
-        for shard in np.unique(np.searchsorted(self._offsets, positions, side="right") - 1):
+    def _touch(self, positions: np.ndarray, shards: list[int]) -> None:
+        """Open (and so check) every shard that ``positions`` fall in, and ``shards``."""
+        for shard in np.union1d(self._shards_of(positions), shards):
             self._shard(int(shard))
 
     def _read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,7 +271,7 @@ class ShardedDataset:
         images = np.empty((len(positions), s, s, c), np.uint8)
         labels = np.empty((len(positions), self.label_width), np.int64)
         index = np.empty(len(positions), np.int64)
-        shard_of = np.searchsorted(self._offsets, positions, side="right") - 1
+        shard_of = self._shards_of(positions)
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(positions)]):
             if lo == hi:
@@ -282,6 +300,12 @@ class ShardedDataset:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def spread_positions(n: int, start: int, stop: int, seed: int) -> np.ndarray:
+    """Sorted positions ``[start, stop)`` of a seeded permutation of ``n``: with every rank's
+    ``start..stop`` from :func:`partition`, a random deal of the split into disjoint parts."""
+    return np.sort(np.random.default_rng([seed, SPREAD_STREAM]).permutation(n)[start:stop])
 
 
 class _Shard(NamedTuple):

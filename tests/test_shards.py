@@ -53,12 +53,14 @@ def make_npz(path: Path, flag: str, size: int = 28, counts=(12, 5, 7), seed: int
     return arrays
 
 
-def build_set(out: Path, counts: list[int], size: int = 4, channels: int = 1, seed: int = 0) -> np.ndarray:
-    """A train split with shards of the given (uneven) counts; returns the images in order."""
+def build_set(out: Path, counts: list[int], size: int = 4, channels: int = 1, seed: int = 0,
+              labels: np.ndarray | None = None) -> np.ndarray:
+    """A train split with shards of the given (uneven) counts (random labels unless given);
+    returns the images in order."""
     rng = np.random.default_rng(seed)
     n = sum(counts)
     images = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
-    labels = rng.integers(0, 3, (n, 1))
+    labels = rng.integers(0, 3, (n, 1)) if labels is None else labels
     with ShardSetWriter(out) as w:
         lo = 0
         for i, c in enumerate(counts):
@@ -116,28 +118,56 @@ def uneven_sets(tmp_path_factory) -> dict[int, tuple[Path, int]]:
 
 @pytest.mark.parametrize("size", range(1, 8))
 def test_ranges_simulated(uneven_sets, size, monkeypatch):
-    opened = []
+    """Training parts are disjoint seeded random draws of n // size samples; one-pass parts
+    (full=True) are contiguous and cover the split; each shard is hashed by the one rank
+    whose contiguous range holds its first sample, whatever the parts."""
+    opened, hashed = [], []
     real_open = reader_module.open_shard
-    monkeypatch.setattr(reader_module, "open_shard",
-                        lambda root, m, split, shard, **kw: opened.append(shard) or real_open(root, m, split, shard, **kw))
+
+    def spy(root, m, split, shard, check_hash=True):
+        opened.append(shard)
+        hashed.extend([shard] * check_hash)
+        return real_open(root, m, split, shard, check_hash=check_hash)
+
+    monkeypatch.setattr(reader_module, "open_shard", spy)
     for shards, (root, n) in uneven_sets.items():
         counts = [e["count"] for e in read_manifest(root)["splits"]["train"]["shards"]]
         offsets = np.r_[0, np.cumsum(counts)]
-        seen = []
+        seen, hashed_by_all = [], []
         for rank in range(size):
-            opened.clear()
+            opened.clear(), hashed.clear()
             ds = ShardedDataset(root, "train", fake_comm(rank, size), seed=3, cache="never")
             index = ds.local_arrays()[2]
             assert len(ds) == len(index) == n // size
-            assert np.array_equal(index, np.arange(ds.start, ds.stop))
-            needed = {s for s in range(shards) if offsets[s] < ds.stop and offsets[s + 1] > ds.start}
-            assert set(opened) == needed, (shards, size, rank)
+            assert np.array_equal(index, ds.positions()) and np.all(np.diff(index) > 0)
+            assert set(np.searchsorted(offsets, index, side="right") - 1) <= set(opened)
+            lo, hi = partition(n, size, rank, full=True)
+            assert set(hashed) == {s for s in range(shards) if counts[s] and lo <= offsets[s] < hi}
+            hashed_by_all += hashed
             seen.append(index)
             full = ShardedDataset(root, "train", fake_comm(rank, size), full=True)
-            assert np.array_equal(full.local_arrays()[2], np.arange(*partition(n, size, rank, full=True)))
+            assert np.array_equal(full.local_arrays()[2], np.arange(lo, hi))
         allseen = np.concatenate(seen)
         assert len(np.unique(allseen)) == len(allseen) == (n // size) * size
-        assert np.array_equal(np.sort(allseen), np.arange((n // size) * size))
+        assert sorted(hashed_by_all) == [s for s in range(shards) if counts[s]]  # each once
+        if size > 1:
+            assert not np.array_equal(np.sort(allseen), np.arange((n // size) * size)) or n % size == 0
+
+
+def test_training_parts_do_not_depend_on_the_shard_layout(tmp_path):
+    """A class-sorted split (as an ImageFolder tree writes it) once gave rank 0 of 2 one class
+    and rank 1 the other, so victims trained differently on the same images in another order:
+    every rank's training part now holds the classes in the split's proportions."""
+    n = 600
+    labels = np.repeat(np.arange(3), [300, 200, 100])[:, None]
+    build_set(tmp_path / "sorted", [250, 350], labels=labels)
+    for size in (2, 3):
+        for rank in range(size):
+            ds = ShardedDataset(tmp_path / "sorted", "train", fake_comm(rank, size), seed=0)
+            share = np.bincount(ds.local_arrays()[1][:, 0], minlength=3) / len(ds)
+            assert np.abs(share - np.array([3, 2, 1]) / 6).max() < 0.08, (size, rank, share)
+        em_part = ShardedDataset(tmp_path / "sorted", "train", fake_comm(0, size), full=True, spread=True)
+        assert len(em_part) == -(-n // size) and len(set(em_part.local_arrays()[1][:, 0])) == 3
 
 
 def test_a_pass_in_chunks_keeps_few_shards_open_and_hashes_each_once(uneven_sets, monkeypatch):
@@ -274,8 +304,11 @@ def test_damaged_shard_is_caught(tmp_path, damage):
         verify(tmp_path / "s")
     with pytest.raises(UserError, match="train-00001-of-00002.h5"):
         ShardedDataset(tmp_path / "s", "train", cache="never")
-    # rank 0 of 2 reads only shard 0, so it does not need the damaged one
-    assert len(ShardedDataset(tmp_path / "s", "train", fake_comm(0, 2))) == 30
+    # a one-pass rank 0 of 2 reads only shard 0, so it does not need the damaged one ...
+    assert len(ShardedDataset(tmp_path / "s", "train", fake_comm(0, 2), full=True)) == 30
+    # ... and a damaged shard in a training part is caught by its owner (rank 1) at least
+    with pytest.raises(UserError, match="train-00001-of-00002.h5"):
+        ShardedDataset(tmp_path / "s", "train", fake_comm(1, 2))
     if damage == "truncate":
         with pytest.raises(UserError, match="not a readable HDF5 shard"):
             ShardedDataset(tmp_path / "s", "train", verify=False)

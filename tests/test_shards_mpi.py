@@ -62,9 +62,11 @@ def test_ranges_disjoint_equal_and_deterministic(comm, shared_dir, num_shards):
     for cache in ("always", "never"):
         ds = ShardedDataset(shared_dir / "set", "train", comm, seed=7, cache=cache)
         local = ds.local_arrays()
-        assert np.array_equal(local[0], images[ds.start:ds.stop])
+        assert np.array_equal(local[0], images[ds.positions()]) and len(ds) == n // comm.size
         ranges = comm.allgather((ds.start, ds.stop))
         assert ranges == [partition(n, comm.size, r) for r in range(comm.size)]
+        parts = comm.allgather(ds.positions())
+        assert len(np.unique(np.concatenate(parts))) == (n // comm.size) * comm.size  # disjoint
         order = [torch.cat([i for _, _, i in ds.batches(8, epoch)]).numpy() for epoch in (0, 1)]
         again = ShardedDataset(shared_dir / "set", "train", comm, seed=7, cache=cache)
         assert np.array_equal(order[0], torch.cat([i for _, _, i in again.batches(8, 0)]).numpy())
