@@ -216,6 +216,7 @@ def test_uncached_reads_match_cache(tmp_path, monkeypatch, span_bytes):
             assert torch.equal(ia, ib) and torch.equal(xa, xb) and torch.equal(ya, yb)
             assert np.array_equal((xb.numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1),
                                   images[ib.numpy()])
+    assert len(list(uncached.batches(32, 2))) == 4 and uncached._shards == {}  # an epoch lets its shards go
 
 
 def test_batches(tmp_path):
