@@ -11,7 +11,6 @@ single-label sets only (multi-label rows have no one order).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from data_prep.medmnist import SPLITS, load_npz
 from hpc_uc.errors import UserError
+from npz_copy_cli import run
 
 
 def write_sorted(flag: str, npz: Path, out: Path, size: int) -> dict[str, list[int]]:
@@ -44,22 +44,5 @@ def write_sorted(flag: str, npz: Path, out: Path, size: int) -> dict[str, list[i
     return counts
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("flag", help="a single-label MedMNIST set, e.g. breastmnist")
-    parser.add_argument("--npz", type=Path, required=True, help="its official npz")
-    parser.add_argument("--size", type=int, default=28, help="the npz's image side (default 28)")
-    parser.add_argument("--out", type=Path, required=True, help="the npz to write (must not exist)")
-    args = parser.parse_args()
-    try:
-        counts = write_sorted(args.flag, args.npz, args.out, args.size)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for split, count in counts.items():
-        print(f"{split}: {sum(count)} images, per class {count}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(__doc__, write_sorted, "a single-label MedMNIST set, e.g. breastmnist", "the npz to write (must not exist)"))

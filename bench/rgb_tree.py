@@ -10,7 +10,6 @@ Class directories are named ``<label>_c`` so that their sorted order is the labe
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from PIL import Image
 
 from data_prep.medmnist import SPLITS, load_npz
 from hpc_uc.errors import UserError
+from npz_copy_cli import run
 
 
 def write_tree(flag: str, npz: Path, out: Path, size: int) -> dict[str, list[int]]:
@@ -41,22 +41,5 @@ def write_tree(flag: str, npz: Path, out: Path, size: int) -> dict[str, list[int
     return counts
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("flag", help="a grey MedMNIST set, e.g. breastmnist")
-    parser.add_argument("--npz", type=Path, required=True, help="its official npz")
-    parser.add_argument("--size", type=int, default=28, help="the npz's image side (default 28)")
-    parser.add_argument("--out", type=Path, required=True, help="the tree to write (must not exist)")
-    args = parser.parse_args()
-    try:
-        counts = write_tree(args.flag, args.npz, args.out, args.size)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for split, count in counts.items():
-        print(f"{split}: {sum(count)} images, per class {count}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(__doc__, write_tree, "a grey MedMNIST set, e.g. breastmnist", "the tree to write (must not exist)"))
