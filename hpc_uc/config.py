@@ -76,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
         "pgd_steps": 20,          # signed-gradient steps on each image's delta per round
         "step_size": 0.1,         # per step, as a fraction of epsilon
         "stop_accuracy": 0.99,    # stop once the model fits the perturbed training split this well
+        "init": "uniform",        # where each image's delta starts: uniform noise of its own
+                                  # (the paper's) | classwise (its class's random pattern, as
+                                  # method=classwise draws it; single-label sets)
         "augment": True,          # the ue victim's crop + flip inside both steps (expectation):
                                   # deeper on BreastMNIST, both protocols; digits: nothing protects
                                   # (docs/efficacy.md)
@@ -143,6 +146,7 @@ CHOICES = {
     "victim.arch": ("resnet18", "resnet50"),
     "em.arch": ("resnet18", "resnet50"),
     "em.stem": ("auto", "small", "standard"),
+    "em.init": ("uniform", "classwise"),
     "victim.stem": ("auto", "small", "standard"),
     "victim.select": ("auc", "acc"),
     "victim.input_norm": ("medmnist", "imagenet"),

@@ -11,7 +11,9 @@ protected copy fits the noise instead of the images. ``em.augment``: the ue vict
 flip are drawn afresh inside both steps (an expectation over the augmentation), so that δ
 stays a shortcut after it.
 
-δ starts uniform in [-ε, ε] from (seed, sample id) and is kept as whole grey levels
+δ starts uniform in [-ε, ε] from (seed, sample id) -- or, with ``em.init: classwise``, as its
+class's random pattern (``method=classwise``'s, from the seed), a shortcut a victim takes at
+once that the rounds then make survive the augmentation -- and is kept as whole grey levels
 (truncated toward zero, so |δ| stays within ε under either norm), per rank in an owner-only
 HDF5 file, one batch in memory. Rank 0 then merges the ranks' files, a chunk at a time, into
 RUN_DIR/perturbations.h5 (``samples``: N x C x H x W int16 grey levels, ``index``: their
@@ -29,6 +31,7 @@ from torch import nn
 
 from .atomic import OWNER_ONLY, atomic_path, owner_only_dir
 from .augment import crop_flip, epoch_generator
+from .classwise import class_noise
 from .comm import Comm
 from .config import check_world, scaled_lr
 from .errors import UserError
@@ -59,6 +62,12 @@ def initial_levels(index: np.ndarray, shape: tuple[int, ...], epsilon: float, no
         d = d * epsilon if norm == "linf" else d * (epsilon / d.norm())
         out[n] = grey_levels(d.float())[0].numpy()
     return out
+
+
+def classwise_levels(labels: np.ndarray, pattern: torch.Tensor) -> np.ndarray:
+    """Each sample's class pattern (``pattern``: classes x C x H x W, within the budget) as
+    int16 grey levels; ``labels``: N x 1 class indices."""
+    return grey_levels(pattern[torch.from_numpy(np.asarray(labels)[:, 0])]).numpy()
 
 
 class NoiseStore:
@@ -135,8 +144,13 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
     rows = min(per_rank * 4, chunk_rows(CHUNK_BYTES, int(np.prod(shape)), 4))  # noise-pass batch
     ids = data.local_index()
     store = NoiseStore(run.root / "em-parts" / f"part-{comm.rank:05d}.h5", ids, shape)
-    for lo in range(0, len(ids), rows):
-        store.levels[lo:lo + rows] = initial_levels(ids[lo:lo + rows], shape, cfg["epsilon"], cfg["norm"], cfg["seed"])
+    if e["init"] == "classwise":  # a pass over this rank's labels (and images) in ids' order
+        pattern = class_noise(data.num_classes, data.channels, data.image_size, cfg["epsilon"], cfg["norm"], cfg["seed"])
+        for lo, (_, labels, _) in zip(range(0, len(ids), rows), data.local_chunks(rows)):
+            store.levels[lo:lo + len(labels)] = classwise_levels(labels, pattern)
+    else:
+        for lo in range(0, len(ids), rows):
+            store.levels[lo:lo + rows] = initial_levels(ids[lo:lo + rows], shape, cfg["epsilon"], cfg["norm"], cfg["seed"])
 
     torch.manual_seed(cfg["seed"])
     model = victim_model(e["arch"], data.num_classes, data.channels, data.image_size, e["stem"]).to(comm.device)

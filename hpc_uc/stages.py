@@ -114,9 +114,14 @@ def _check_cluster(cfg: dict, manifest: dict) -> None:
 
 
 def _check_train(cfg: dict, manifest: dict) -> None:
-    if METHODS[cfg["method"]].label_wise and is_multilabel(manifest["task"]):
+    if not is_multilabel(manifest["task"]):
+        return
+    if METHODS[cfg["method"]].label_wise:
         raise UserError(f"method={cfg['method']} needs one class per image; "
                         f"{Path(cfg['data_dir'])} is {manifest['task']}")
+    if cfg["method"] == "em" and cfg["em"]["init"] == "classwise":
+        raise UserError(f"em.init=classwise needs one class per image; "
+                        f"{Path(cfg['data_dir'])} is {manifest['task']} (use em.init=uniform)")
 
 
 def _check_evaluate(cfg: dict, manifest: dict) -> None:

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from hpc_uc.config import load_config
-from hpc_uc.em import NoiseStore, SampleNoise, grey_levels, initial_levels, merge_parts, minimise_noise
+from hpc_uc.classwise import class_noise
+from hpc_uc.em import (NoiseStore, SampleNoise, classwise_levels, grey_levels, initial_levels, merge_parts,
+                        minimise_noise)
 from hpc_uc.errors import UserError
 from hpc_uc.rundir import RunDir
 from hpc_uc.training import classification_loss
@@ -114,3 +116,33 @@ def test_em_settings_are_checked(override, message):
     assert load_config(None, ["method=em"])["em"]["rounds"] == 10
     with pytest.raises(UserError, match=message):
         load_config(None, ["method=em", override])
+
+
+@pytest.mark.parametrize("norm, epsilon", [("linf", 16 / 255), ("l2", 1.0)])
+def test_classwise_start_is_each_class_pattern_within_budget(norm, epsilon):
+    """em.init=classwise: every image starts from its class's pattern (method=classwise's, from
+    the seed), whole grey levels within the budget; two classes, two patterns."""
+    pattern = class_noise(3, SHAPE[0], SHAPE[1], epsilon, norm, seed=5)
+    labels = np.array([[2], [0], [2], [1], [0]])
+    levels = classwise_levels(labels, pattern)
+    assert levels.dtype == np.int16 and levels.shape == (5, *SHAPE)
+    assert np.array_equal(levels[0], levels[2]) and np.array_equal(levels[1], levels[4])
+    assert len({levels[i].tobytes() for i in (0, 1, 3)}) == 3
+    assert np.array_equal(levels[3], grey_levels(pattern[1:2])[0].numpy())
+    delta = levels.astype(np.float64) / 255
+    if norm == "linf":
+        assert np.abs(delta).max() <= epsilon + 1e-12
+    else:
+        assert np.sqrt((delta ** 2).sum(axis=(1, 2, 3))).max() <= epsilon + 1e-9
+
+
+def test_classwise_start_refuses_multilabel_data(tmp_path, monkeypatch):
+    from hpc_uc import pipeline
+
+    split = {"count": 10}
+    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
+        "task": "multi-label, binary-class", "splits": {"train": split, "test": split}})
+    cfg = load_config(None, ["method=em", "em.init=classwise", f"data_dir={tmp_path}"])
+    with pytest.raises(UserError, match="em.init=classwise needs one class per image"):
+        pipeline.check_data(cfg)
+    pipeline.check_data({**cfg, "em": {**cfg["em"], "init": "uniform"}})  # the default takes it

@@ -204,6 +204,26 @@ def test_em_method_end_to_end(finished_run, tmp_path):
     assert len({d.tobytes() for d in delta[:50]}) == 50  # one δ per image, not per class
 
 
+def test_em_classwise_start_is_written_per_class(finished_run, tmp_path):
+    """method=em with em.init=classwise and no rounds: every image's δ in perturbations.h5 is
+    its class's pattern (method=classwise's, from the seed), looked up by sample id."""
+    import shutil
+
+    from hpc_uc.classwise import class_noise
+    from hpc_uc.em import SampleNoise, grey_levels
+    from hpc_uc.pipeline import run_stage
+
+    cfg, run = finished_run
+    shutil.copytree(run.root, tmp_path / "em0")
+    other = tiny_config(cfg["data_dir"], tmp_path / "em0", "method=em", "em.rounds=0", "em.init=classwise")
+    comm, moved = start(other)
+    run_stage("train", other, comm, moved)
+    _, labels, index = read_whole_split(cfg["data_dir"], "train")
+    pattern = grey_levels(class_noise(10, 1, 28, other["epsilon"], "linf", other["seed"])).numpy()
+    levels = np.round(SampleNoise(moved.perturbations)(index) * 255).astype(np.int16)  # δ in [0, 1] units
+    assert np.array_equal(levels, pattern[labels[:, 0]]) and 4 < np.abs(levels).mean() and np.abs(levels).max() <= 16
+
+
 def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
     """export.chunk_mib bounds the export's working memory: a chunk of 50 images per shard gives
     the same protected images as the one-chunk export, over 26 shards."""
