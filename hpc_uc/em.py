@@ -144,10 +144,12 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
     rows = min(per_rank * 4, chunk_rows(CHUNK_BYTES, int(np.prod(shape)), 4))  # noise-pass batch
     ids = data.local_index()
     store = NoiseStore(run.root / "em-parts" / f"part-{comm.rank:05d}.h5", ids, shape)
-    if e["init"] == "classwise":  # a pass over this rank's labels (and images) in ids' order
+    if e["init"] == "classwise":  # the split's labels (no images read), looked up by sample id
         pattern = class_noise(data.num_classes, data.channels, data.image_size, cfg["epsilon"], cfg["norm"], cfg["seed"])
-        for lo, (_, labels, _) in zip(range(0, len(ids), rows), data.local_chunks(rows)):
-            store.levels[lo:lo + len(labels)] = classwise_levels(labels, pattern)
+        labels, index = data.labels_by_index()
+        mine = labels[np.searchsorted(index, ids)]
+        for lo in range(0, len(ids), rows):
+            store.levels[lo:lo + rows] = classwise_levels(mine[lo:lo + rows], pattern)
     else:
         for lo in range(0, len(ids), rows):
             store.levels[lo:lo + rows] = initial_levels(ids[lo:lo + rows], shape, cfg["epsilon"], cfg["norm"], cfg["seed"])
