@@ -1,6 +1,6 @@
 """A MedMNIST npz with every split sorted by label (stable), the layout an ImageFolder tree is
 written in: for checking that what the ranks train on does not depend on the shard layout
-(docs/efficacy.md, "Does the shard layout matter?").
+(docs/efficacy.md, "Re-measured after the reader's random deal").
 
     python bench/class_sorted_npz.py breastmnist --npz ../shared/data/breastmnist.npz --out runs/breastmnist_sorted.npz
     python -m data_prep medmnist breastmnist --npz runs/breastmnist_sorted.npz --allow-md5-mismatch \\

@@ -148,11 +148,11 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
         pattern = class_noise(data.num_classes, data.channels, data.image_size, cfg["epsilon"], cfg["norm"], cfg["seed"])
         labels, index = data.labels_by_index()
         mine = labels[np.searchsorted(index, ids)]
-        for lo in range(0, len(ids), rows):
-            store.levels[lo:lo + rows] = classwise_levels(mine[lo:lo + rows], pattern)
+        start = lambda rows_: classwise_levels(mine[rows_], pattern)  # noqa: E731
     else:
-        for lo in range(0, len(ids), rows):
-            store.levels[lo:lo + rows] = initial_levels(ids[lo:lo + rows], shape, cfg["epsilon"], cfg["norm"], cfg["seed"])
+        start = lambda rows_: initial_levels(ids[rows_], shape, cfg["epsilon"], cfg["norm"], cfg["seed"])  # noqa: E731
+    for lo in range(0, len(ids), rows):
+        store.levels[lo:lo + rows] = start(slice(lo, lo + rows))
 
     torch.manual_seed(cfg["seed"])
     model = victim_model(e["arch"], data.num_classes, data.channels, data.image_size, e["stem"]).to(comm.device)
