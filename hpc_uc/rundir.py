@@ -9,7 +9,7 @@ import yaml
 
 from .atomic import read_json, write_bytes, write_json
 from .config import get
-from .stages import RUN_KEYS, STAGES, method_stages
+from .stages import RUN_KEYS, STAGES, method_stages, stage_keys
 
 DATA_MANIFEST = "data manifest"
 
@@ -26,7 +26,7 @@ def stage_inputs(cfg: dict, stage: str) -> dict:
     data's digest."""
     keys: list[str] = list(RUN_KEYS)
     for earlier in method_stages(cfg["method"]):
-        keys += earlier.keys
+        keys += stage_keys(earlier.name, cfg["method"])
         if earlier.name == stage:
             break
     else:

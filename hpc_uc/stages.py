@@ -42,6 +42,7 @@ class Method:
     title: str                  # its name in the export's manifest
     train: Entry                # what the train stage runs
     stages: tuple[str, ...]     # the stages it needs, in order
+    keys: tuple[str, ...] = ()  # config keys its train stage depends on, besides the stage's own
     label_wise: bool = False    # δ keyed by the class label: one class per image needed
 
 
@@ -141,7 +142,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("cluster", "K-means of the training split in surrogate feature space",
           ("clusters", "kmeans"), ("clusters.npz",), _run_cluster, _check_cluster),
     Stage("train", "make the perturbations (UC: train one generator per cluster, data-parallel)",
-          ("method", "batch_size", "epsilon", "norm", "tile", "target_offset", "generator", "em"),
+          ("method", "epsilon", "norm"),
           ("perturbations.h5", "generators/generators.pt"), _run_train, _check_train),
     Stage("export", "write the protected dataset (shards + protected.npz)",
           ("refine", "export"), ("protected/manifest.json", "protected.npz"), _run_export),
@@ -153,12 +154,21 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 # report give its validation accuracy
 _LABEL_WISE_STAGES = ("surrogate", "train", "export", "evaluate")
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("uc", "unlearnable-clusters", _train_uc, tuple(STAGES)),
-    Method("classwise", "class-wise-random-noise", _train_classwise, _LABEL_WISE_STAGES, label_wise=True),
+    Method("uc", "unlearnable-clusters", _train_uc, tuple(STAGES),
+           ("batch_size", "tile", "target_offset", "generator")),
+    Method("classwise", "class-wise-random-noise", _train_classwise, _LABEL_WISE_STAGES, ("tile",),
+           label_wise=True),
     Method("ar", "autoregressive-perturbations", _train_ar, _LABEL_WISE_STAGES, label_wise=True),
     # its own classifier is trained with the noise: no surrogate, no clusters
-    Method("em", "error-minimising-noise", _train_em, ("train", "export", "evaluate")),
+    Method("em", "error-minimising-noise", _train_em, ("train", "export", "evaluate"), ("batch_size", "em")),
 )}
+
+
+def stage_keys(stage: str, method: str) -> tuple[str, ...]:
+    """The config keys ``stage``'s outputs depend on under ``method`` (besides the earlier
+    stages'): the train stage adds the method's own, so a uc run does not re-train when an
+    em key changes."""
+    return STAGES[stage].keys + (METHODS[method].keys if stage == "train" else ())
 
 
 def method_stages(method: str) -> tuple[Stage, ...]:

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from conftest import REPO, replace_stage_bodies, tiny_config
-from hpc_uc.config import CHOICES
+from hpc_uc.config import CHOICES, DEFAULTS
 from hpc_uc.errors import UserError
 from hpc_uc.pipeline import check_inputs, run_all, start
-from hpc_uc.stages import METHODS, RUN_KEYS, STAGES
+from hpc_uc.stages import METHODS, RUN_KEYS, STAGES, stage_keys
 
 
 def test_every_method_is_registered_and_runs_its_stages_in_order():
@@ -23,6 +23,17 @@ def test_every_method_is_registered_and_runs_its_stages_in_order():
         assert {"train", "export", "evaluate"} <= set(method.stages)
     keys = [*RUN_KEYS, *(key for stage in STAGES.values() for key in stage.keys)]
     assert len(keys) == len(set(keys)), "a key belongs to one stage"
+    for method in METHODS.values():  # a method's train keys are its train stage's, no other stage's
+        assert not set(method.keys) & set(keys), method.name
+
+
+def test_every_config_key_is_owned_by_a_stage_a_method_or_none_by_design():
+    """A key dropped from a stage or a method would let a changed value reuse stale outputs."""
+    owned = {*RUN_KEYS, *(k for s in STAGES.values() for k in s.keys), *(k for m in METHODS.values() for k in m.keys)}
+    # where the run goes and how it runs, not what it makes (profile only sets keys listed above)
+    no_output = {"run_dir", "backend", "profile", "cache", "cache_budget_mib", "resume"}
+    assert set(DEFAULTS) == owned | no_output
+    assert not owned & no_output
 
 
 def test_label_wise_methods_skip_the_clusters():
@@ -55,7 +66,7 @@ def test_changing_a_key_reruns_exactly_its_stage_and_the_later_ones(method, digi
         run_all(cfg, comm, run)
         assert ran == list(stages), key
     for stage in STAGES.values():
-        for key in stage.keys:
+        for key in stage_keys(stage.name, method):
             if key == "method":
                 continue  # another method: other stages (below)
             cfg = copy.deepcopy(cfg)
@@ -64,6 +75,13 @@ def test_changing_a_key_reruns_exactly_its_stage_and_the_later_ones(method, digi
             run_all(cfg, comm, run)
             expected = list(stages[stages.index(stage.name):]) if stage.name in stages else []
             assert ran == expected, key
+    others = {key for m in METHODS.values() for key in m.keys} - set(METHODS[method].keys)
+    for key in sorted(others):  # another method's knob: nothing of this method runs again
+        cfg = copy.deepcopy(cfg)
+        cfg[key] = _changed(cfg[key])
+        ran.clear()
+        run_all(cfg, comm, run)
+        assert ran == [], key
 
 
 def test_switching_method_reruns_from_train_and_label_wise_runs_never_cluster(digits_dir, tmp_path, monkeypatch):
