@@ -15,13 +15,18 @@ from hpc_uc.pipeline import check_inputs, run_all, start
 from hpc_uc.stages import METHODS, RUN_KEYS, STAGES, stage_keys
 
 
+def _stage_owned_keys() -> list[str]:
+    """The config keys the run and the stages own, before any method adds its train keys."""
+    return [*RUN_KEYS, *(key for stage in STAGES.values() for key in stage.keys)]
+
+
 def test_every_method_is_registered_and_runs_its_stages_in_order():
     assert set(METHODS) == set(CHOICES["method"])
     order = list(STAGES)
     for method in METHODS.values():
         assert [order.index(name) for name in method.stages] == sorted(order.index(n) for n in method.stages)
         assert {"train", "export", "evaluate"} <= set(method.stages)
-    keys = [*RUN_KEYS, *(key for stage in STAGES.values() for key in stage.keys)]
+    keys = _stage_owned_keys()
     assert len(keys) == len(set(keys)), "a key belongs to one stage"
     for method in METHODS.values():  # a method's train keys are its train stage's, no other stage's
         assert not set(method.keys) & set(keys), method.name
@@ -29,7 +34,7 @@ def test_every_method_is_registered_and_runs_its_stages_in_order():
 
 def test_every_config_key_is_owned_by_a_stage_a_method_or_none_by_design():
     """A key dropped from a stage or a method would let a changed value reuse stale outputs."""
-    owned = {*RUN_KEYS, *(k for s in STAGES.values() for k in s.keys), *(k for m in METHODS.values() for k in m.keys)}
+    owned = {*_stage_owned_keys(), *(k for m in METHODS.values() for k in m.keys)}
     # where the run goes and how it runs, not what it makes (profile only sets keys listed above)
     no_output = {"run_dir", "backend", "profile", "cache", "cache_budget_mib", "resume"}
     assert set(DEFAULTS) == owned | no_output
