@@ -6,7 +6,9 @@ training loss (min-min): each round trains the model for ``em.train_steps`` step
 (gradients all-reduced across ranks), then runs ``em.pgd_steps`` projected signed-gradient
 steps of the same loss on every image's δ (each rank its own images, no communication),
 until the model's accuracy on the perturbed training split reaches ``em.stop_accuracy`` or
-``em.rounds`` rounds have run. δ becomes the easiest feature to learn: a victim trained on the
+``em.rounds`` rounds have run. ``em.restart_every`` R > 0 re-initialises the model (and its
+optimizer and cosine schedule) every R rounds, so that δ is fitted by several fresh models in
+turn -- a shortcut from a victim's first steps, not only for one model's late state. δ becomes the easiest feature to learn: a victim trained on the
 protected copy fits the noise instead of the images. ``em.augment``: the ue victim's crop and
 flip are drawn afresh inside both steps (an expectation over the augmentation), so that δ
 stays a shortcut after it.
@@ -44,7 +46,7 @@ from .training import MetricsLog, accuracy, classification_loss, lr_at, set_lr
 UE_BATCH = 128        # the batch em.lr is given for (the UE paper's)
 CROP_PADDING = 4      # em.augment's random crop (the UE paper's, and the ue victim's default)
 CHUNK_BYTES = 2**24   # δ rows per read/write of the merge and the noise pass: ~16 MiB
-_INIT, _AUGMENT = 11, 12  # streams of randomness drawn from the seed
+_INIT, _AUGMENT, _RESTART = 11, 12, 13  # streams of randomness drawn from the seed
 
 
 def grey_levels(delta: torch.Tensor) -> torch.Tensor:
@@ -127,6 +129,21 @@ def minimise_noise(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, label
     return delta.detach()
 
 
+def model_cycles(rounds: int, restart_every: int) -> list[tuple[int, int]]:
+    """(first round, rounds) of each model the em rounds train in turn: one model for all
+    ``rounds`` when ``restart_every`` is 0, else a fresh one every ``restart_every`` rounds."""
+    every = restart_every or max(1, rounds)
+    return [(lo, min(every, rounds - lo)) for lo in range(0, rounds, every)]
+
+
+def model_seed(seed: int, cycle: int) -> int:
+    """torch seed of the ``cycle``-th model: ``seed`` itself for the first (as without restarts),
+    then one drawn from (seed, cycle)."""
+    if cycle == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, _RESTART, cycle]).generate_state(1)[0])
+
+
 def _perturbed(x: torch.Tensor, levels: np.ndarray) -> torch.Tensor:
     return (x + torch.from_numpy(levels).to(x.device).float() / 255.0).clamp(0, 1)
 
@@ -154,16 +171,30 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
     for lo in range(0, len(ids), rows):
         store.levels[lo:lo + rows] = start(slice(lo, lo + rows))
 
-    torch.manual_seed(cfg["seed"])
+    def fresh_model(cycle: int) -> dict:
+        torch.manual_seed(model_seed(cfg["seed"], cycle))
+        return victim_model(e["arch"], data.num_classes, data.channels, data.image_size, e["stem"]).state_dict()
+
     model = victim_model(e["arch"], data.num_classes, data.channels, data.image_size, e["stem"]).to(comm.device)
+    model.load_state_dict(fresh_model(0))
     comm.broadcast_model(model)
     lr = scaled_lr(cfg, e["lr"], cfg["batch_size"], UE_BATCH)
     base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=e["weight_decay"])
     opt = comm.distributed_optimizer(base, model)
     log = MetricsLog(run.metrics, comm, "train")
-    padding, total_steps = CROP_PADDING, e["rounds"] * e["train_steps"]
+    padding = CROP_PADDING
+    starts = {lo: (cycle, n * e["train_steps"])
+              for cycle, (lo, n) in enumerate(model_cycles(e["rounds"], e["restart_every"]))}
     batches, epoch, step, acc, done, began = None, 0, 0, 0.0, 0, time.perf_counter()
+    cycle, cycle_steps = 0, 0
     for round_ in range(e["rounds"]):
+        if round_ in starts:  # a fresh model, optimizer state and schedule (round 0: the first)
+            cycle, cycle_steps = starts[round_]
+            if cycle:
+                model.load_state_dict(fresh_model(cycle))
+                comm.broadcast_model(model)
+                opt.state.clear()
+            step = 0
         model.train()
         gen = epoch_generator(cfg["seed"] + _AUGMENT, comm.rank, round_) if e["augment"] else None
         for _ in range(e["train_steps"]):  # the same count on every rank: collectives stay in step
@@ -175,7 +206,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
             inputs = _perturbed(x, store.read(store.rows_of(idx.cpu().numpy())))
             if gen is not None:
                 inputs = crop_flip(inputs, gen, padding)
-            set_lr(opt, lr_at(step, total_steps, 0, lr))
+            set_lr(opt, lr_at(step, cycle_steps, 0, lr))
             opt.zero_grad()
             classification_loss(model(inputs), y, data.task).backward()
             opt.step()
@@ -195,7 +226,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
             counts += torch.tensor([accuracy(scores, labels, data.task) * len(x), len(x)], dtype=torch.float64)
         counts = comm.allreduce(counts, op="sum", name="em.accuracy")
         acc, done = float(counts[0] / max(1.0, float(counts[1]))), round_ + 1
-        log.write(round=round_ + 1, train_accuracy_perturbed=acc, seconds=round(time.perf_counter() - began, 3))
+        log.write(round=round_ + 1, model=cycle + 1, train_accuracy_perturbed=acc, seconds=round(time.perf_counter() - began, 3))
         if comm.is_root:
             print(f"train: em round {round_ + 1}/{e['rounds']}: model accuracy on the perturbed "
                   f"training split {acc:.3f}", flush=True)

@@ -12,7 +12,7 @@ from torch import nn
 from hpc_uc.config import load_config
 from hpc_uc.classwise import class_noise
 from hpc_uc.em import (NoiseStore, SampleNoise, classwise_levels, grey_levels, initial_levels, merge_parts,
-                        minimise_noise)
+                        minimise_noise, model_cycles, model_seed)
 from hpc_uc.errors import UserError
 from hpc_uc.rundir import RunDir
 from hpc_uc.training import classification_loss
@@ -43,6 +43,20 @@ def test_initial_noise_is_seeded_per_sample_id():
     assert np.array_equal(a[[2, 0]], initial_levels(ids[[2, 0]], SHAPE, EPS, "linf", seed=1))  # any split
     assert not np.array_equal(a, initial_levels(ids, SHAPE, EPS, "linf", seed=2))
     assert not np.array_equal(a[0], a[1])
+
+
+def test_restarts_split_the_rounds_into_fresh_models():
+    assert model_cycles(10, 0) == [(0, 10)]                      # one model, as without the knob
+    assert model_cycles(10, 4) == [(0, 4), (4, 4), (8, 2)]       # the last model gets what is left
+    assert model_cycles(10, 10) == model_cycles(10, 25) == [(0, 10)]
+    assert model_cycles(0, 3) == []
+
+
+def test_first_model_keeps_the_run_seed_and_later_ones_differ():
+    assert model_seed(7, 0) == 7
+    later = [model_seed(7, c) for c in (1, 2, 3)]
+    assert later == [model_seed(7, c) for c in (1, 2, 3)] and len(set(later + [7])) == 4
+    assert model_seed(8, 1) != later[0]
 
 
 def tiny_model(classes: int = 2) -> nn.Module:

@@ -224,6 +224,32 @@ def test_em_classwise_start_is_written_per_class(finished_run, tmp_path):
     assert np.array_equal(levels, pattern[labels[:, 0]]) and 4 < np.abs(levels).mean() and np.abs(levels).max() <= 16
 
 
+def test_em_restarts_train_fresh_models(finished_run, tmp_path):
+    """em.restart_every: a restart inside the rounds changes the noise (its second round's steps
+    see a fresh model; no model steps, so only the re-initialisation can change it), one at or
+    beyond the last round changes nothing; metrics.jsonl names each round's model."""
+    import json
+    import shutil
+
+    from hpc_uc.em import SampleNoise
+    from hpc_uc.pipeline import run_stage
+
+    cfg, run = finished_run
+    _, _, index = read_whole_split(cfg["data_dir"], "train")
+    noise, models = {}, {}
+    for every in (0, 1, 2):
+        shutil.copytree(run.root, tmp_path / f"r{every}")
+        other = tiny_config(cfg["data_dir"], tmp_path / f"r{every}", "method=em", "em.rounds=2", "em.train_steps=0",
+                            "em.pgd_steps=1", "em.stop_accuracy=1.0", f"em.restart_every={every}")
+        comm, moved = start(other)
+        run_stage("train", other, comm, moved)
+        noise[every] = SampleNoise(moved.perturbations)(index[:64])
+        rows = [json.loads(line) for line in moved.metrics.read_text().splitlines()]
+        models[every] = [r["model"] for r in rows if r.get("stage") == "train" and "model" in r]
+    assert models == {0: [1, 1], 1: [1, 2], 2: [1, 1]}
+    assert np.array_equal(noise[0], noise[2]) and not np.array_equal(noise[0], noise[1])
+
+
 def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
     """export.chunk_mib bounds the export's working memory: a chunk of 50 images per shard gives
     the same protected images as the one-chunk export, over 26 shards."""
