@@ -10,6 +10,9 @@ and prints ROOT/knobs.md (mean ± sd over seeds).
         --common "profile=fast" --variant "today=" \\
         --variant "deep=generator.target=cross_class generator.augment=true refine.steps=5"
 
+``--no-surrogate`` when every variant is ``method=em`` (which trains its own model): no base run,
+the variants share only the clean victims.
+
 With ``defenses=[jpeg10,pgd]`` in ``--common`` every defended victim gets its own rows
 (victim ``+jpeg10``, ...) beside the protected one.
 """
@@ -53,12 +56,15 @@ def base_run(config: str, base: Path, common: list[str], ranks: int) -> None:
 
 
 def seed_run_dir(base: Path, target: Path) -> None:
-    """The base's surrogate, clusters (marked complete) and clean victims (reused if they match)."""
+    """The base's surrogate, clusters (marked complete) and clean victims (reused if they match);
+    without a base surrogate (``--no-surrogate``) only the clean victims."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in SEED_FILES:
-        shutil.copy2(base / name, target / name)
     if (base / "clean_victims.json").is_file():
         shutil.copy2(base / "clean_victims.json", target / "clean_victims.json")
+    if not (base / "stages.json").is_file():
+        return
+    for name in SEED_FILES:
+        shutil.copy2(base / name, target / name)
     done = json.loads((base / "stages.json").read_text())
     keep = {k: v for k, v in done.items() if k in ("surrogate", "cluster")}
     (target / "stages.json").write_text(json.dumps(keep))
@@ -132,6 +138,8 @@ def main() -> None:
     parser.add_argument("--np", type=int, default=2)
     parser.add_argument("--common", default="", help="overrides every run gets")
     parser.add_argument("--variant", action="append", required=True, help="NAME=override override ...")
+    parser.add_argument("--no-surrogate", action="store_true",
+                        help="every variant is method=em (no surrogate, no clusters): train no base")
     args = parser.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -140,7 +148,9 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         common = [*shlex.split(args.common), f"seed={seed}"]
         base = root / f"seed{seed}" / "base"
-        base_run(args.config, base, common, args.np)
+        base.mkdir(parents=True, exist_ok=True)
+        if not args.no_surrogate:
+            base_run(args.config, base, common, args.np)
         for name, overrides in variants:
             result = run_variant(args.config, base, root / f"seed{seed}" / name, [*common, *overrides], args.np)
             rows += rows_of(name, seed, result)
