@@ -6,12 +6,12 @@ training loss (min-min): each round trains the model for ``em.train_steps`` step
 (gradients all-reduced across ranks), then runs ``em.pgd_steps`` projected signed-gradient
 steps of the same loss on every image's δ (each rank its own images, no communication),
 until the model's accuracy on the perturbed training split reaches ``em.stop_accuracy`` or
-``em.rounds`` rounds have run. ``em.restart_every`` R > 0 re-initialises the model (and its
-optimizer and cosine schedule) every R rounds, so that δ is fitted by several fresh models in
-turn -- a shortcut from a victim's first steps, not only for one model's late state. δ becomes the easiest feature to learn: a victim trained on the
-protected copy fits the noise instead of the images. ``em.augment``: the ue victim's crop and
-flip are drawn afresh inside both steps (an expectation over the augmentation), so that δ
-stays a shortcut after it.
+``em.rounds`` rounds have run. δ becomes the easiest feature to learn: a victim trained on the
+protected copy fits the noise instead of the images. ``em.restart_every`` R > 0 re-initialises
+the model (and its momentum and cosine schedule) every R rounds, so that δ is fitted by several
+fresh models in turn (measured: no deeper on BreastMNIST, docs/efficacy.md). ``em.augment``:
+the ue victim's crop and flip are drawn afresh inside both steps (an expectation over the
+augmentation), so that δ stays a shortcut after it.
 
 δ starts uniform in [-ε, ε] from (seed, sample id) -- or, with ``em.init: classwise``, as its
 class's random pattern (``method=classwise``'s, from the seed), a shortcut a victim takes at
@@ -226,7 +226,8 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
             counts += torch.tensor([accuracy(scores, labels, data.task) * len(x), len(x)], dtype=torch.float64)
         counts = comm.allreduce(counts, op="sum", name="em.accuracy")
         acc, done = float(counts[0] / max(1.0, float(counts[1]))), round_ + 1
-        log.write(round=round_ + 1, model=cycle + 1, train_accuracy_perturbed=acc, seconds=round(time.perf_counter() - began, 3))
+        log.write(round=round_ + 1, model=cycle + 1, train_accuracy_perturbed=acc,
+                  seconds=round(time.perf_counter() - began, 3))
         if comm.is_root:
             print(f"train: em round {round_ + 1}/{e['rounds']}: model accuracy on the perturbed "
                   f"training split {acc:.3f}", flush=True)
