@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "step_size": 0.1,         # per step, as a fraction of epsilon
         "stop_accuracy": 0.99,    # stop once the model fits the perturbed training split this well
         "restart_every": 0,       # re-initialise the model every this many rounds (0: never;
-                                  # no deeper on BreastMNIST, docs/efficacy.md)
+                                  # no deeper on BreastMNIST or digits, docs/efficacy.md)
         "init": "uniform",        # where each image's delta starts: uniform noise of its own
                                   # (the paper's) | classwise (its class's random pattern, as
                                   # method=classwise draws it; single-label sets)

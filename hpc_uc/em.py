@@ -9,9 +9,9 @@ until the model's accuracy on the perturbed training split reaches ``em.stop_acc
 ``em.rounds`` rounds have run. δ becomes the easiest feature to learn: a victim trained on the
 protected copy fits the noise instead of the images. ``em.restart_every`` R > 0 re-initialises
 the model (and its momentum and cosine schedule) every R rounds, so that δ is fitted by several
-fresh models in turn (measured: no deeper on BreastMNIST, docs/efficacy.md). ``em.augment``:
-the ue victim's crop and flip are drawn afresh inside both steps (an expectation over the
-augmentation), so that δ stays a shortcut after it.
+fresh models in turn (measured: no deeper on BreastMNIST or digits, docs/efficacy.md).
+``em.augment``: the ue victim's crop and flip are drawn afresh inside both steps (an
+expectation over the augmentation), so that δ stays a shortcut after it.
 
 δ starts uniform in [-ε, ε] from (seed, sample id) -- or, with ``em.init: classwise``, as its
 class's random pattern (``method=classwise``'s, from the seed), a shortcut a victim takes at
