@@ -171,12 +171,11 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
     for lo in range(0, len(ids), rows):
         store.levels[lo:lo + rows] = start(slice(lo, lo + rows))
 
-    def fresh_model(cycle: int) -> dict:
+    def fresh_model(cycle: int) -> nn.Module:
         torch.manual_seed(model_seed(cfg["seed"], cycle))
-        return victim_model(e["arch"], data.num_classes, data.channels, data.image_size, e["stem"]).state_dict()
+        return victim_model(e["arch"], data.num_classes, data.channels, data.image_size, e["stem"])
 
-    model = victim_model(e["arch"], data.num_classes, data.channels, data.image_size, e["stem"]).to(comm.device)
-    model.load_state_dict(fresh_model(0))
+    model = fresh_model(0).to(comm.device)
     comm.broadcast_model(model)
     lr = scaled_lr(cfg, e["lr"], cfg["batch_size"], UE_BATCH)
     base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=e["weight_decay"])
@@ -191,7 +190,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
         if round_ in starts:  # a fresh model, optimizer state and schedule (round 0: the first)
             cycle, cycle_steps = starts[round_]
             if cycle:
-                model.load_state_dict(fresh_model(cycle))
+                model.load_state_dict(fresh_model(cycle).state_dict())
                 comm.broadcast_model(model)
                 opt.state.clear()
             step = 0

@@ -228,7 +228,6 @@ def test_em_restarts_train_fresh_models(finished_run, tmp_path):
     """em.restart_every: a restart inside the rounds changes the noise (its second round's steps
     see a fresh model; no model steps, so only the re-initialisation can change it), one at or
     beyond the last round changes nothing; metrics.jsonl names each round's model."""
-    import json
     import shutil
 
     from hpc_uc.em import SampleNoise
