@@ -78,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
         "stop_accuracy": 0.99,    # stop once the model fits the perturbed training split this well
         "restart_every": 0,       # re-initialise the model every this many rounds (0: never;
                                   # no deeper on BreastMNIST or digits, docs/efficacy.md)
+        "patch": 1,               # delta constant on patch x patch blocks, moved as one (1: per
+                                  # pixel, the paper's; > 1: low-frequency noise)
         "init": "uniform",        # where each image's delta starts: uniform noise of its own
                                   # (the paper's) | classwise (its class's random pattern, as
                                   # method=classwise draws it; single-label sets)
@@ -176,7 +178,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "generator.n_blocks": ("int", 0, INF), "generator.augment": ("bool", None, None),
     "generator.bf16": ("bool", None, None), "generator.micro_batch": ("int", 0, INF),
     "em.rounds": ("int", 0, INF), "em.train_steps": ("int", 0, INF), "em.pgd_steps": ("int", 0, INF),
-    "em.restart_every": ("int", 0, INF),
+    "em.restart_every": ("int", 0, INF), "em.patch": ("int", 1, INF),
     "em.step_size": ("number", 0, 1), "em.stop_accuracy": ("number", 0, 1), "em.augment": ("bool", None, None),
     "em.lr": ("number", 0, INF), "em.weight_decay": ("number", 0, INF),
     "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),

@@ -11,7 +11,9 @@ protected copy fits the noise instead of the images. ``em.restart_every`` R > 0 
 the model (and its momentum and cosine schedule) every R rounds, so that δ is fitted by several
 fresh models in turn (measured: no deeper on BreastMNIST or digits, docs/efficacy.md).
 ``em.augment``: the ue victim's crop and flip are drawn afresh inside both steps (an
-expectation over the augmentation), so that δ stays a shortcut after it.
+expectation over the augmentation), so that δ stays a shortcut after it. ``em.patch`` P > 1
+makes δ low-frequency: it starts constant on P x P blocks and every step moves a block as one
+(the block's mean gradient), so only x + δ's clip to [0, 1] splits a block.
 
 δ starts uniform in [-ε, ε] from (seed, sample id) -- or, with ``em.init: classwise``, as its
 class's random pattern (``method=classwise``'s, from the seed), a shortcut a victim takes at
@@ -55,12 +57,32 @@ def grey_levels(delta: torch.Tensor) -> torch.Tensor:
     return torch.trunc(delta * 255.0 + delta.sign() * 1e-4).to(torch.int16)
 
 
-def initial_levels(index: np.ndarray, shape: tuple[int, ...], epsilon: float, norm: str, seed: int) -> np.ndarray:
+def blocks_to_pixels(blocks: torch.Tensor, patch: int, size: tuple[int, int]) -> torch.Tensor:
+    """N x C x h x w block values -> N x C x H x W pixels, each block repeated over its
+    ``patch`` x ``patch`` pixels (the last row and column of blocks cut to ``size``)."""
+    if patch == 1:
+        return blocks
+    return blocks.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :size[0], :size[1]]
+
+
+def block_mean(grad: torch.Tensor, patch: int) -> torch.Tensor:
+    """Each ``patch`` x ``patch`` block of ``grad`` replaced by its mean (edge blocks: the mean
+    of their pixels inside the image); ``patch`` 1 returns ``grad``."""
+    if patch == 1:
+        return grad
+    return blocks_to_pixels(nn.functional.avg_pool2d(grad, patch, ceil_mode=True), patch, grad.shape[-2:])
+
+
+def initial_levels(index: np.ndarray, shape: tuple[int, ...], epsilon: float, norm: str, seed: int,
+                   patch: int = 1) -> np.ndarray:
     """Uniform noise in [-ε, ε] (``linf``; scaled to ||δ||_2 = ε for ``l2``) per sample, from
-    (seed, sample id) alone: the same on any number of ranks. int16 grey levels."""
+    (seed, sample id) alone: the same on any number of ranks; with ``patch`` > 1, one draw per
+    ``patch`` x ``patch`` block. int16 grey levels."""
     out = np.empty((len(index),) + shape, np.int16)
+    blocks = (shape[0],) + tuple(-(-n // patch) for n in shape[1:])
     for n, key in enumerate(np.asarray(index, np.int64)):
-        d = torch.from_numpy(np.random.default_rng([seed, _INIT, int(key)]).uniform(-1, 1, (1,) + shape))
+        d = torch.from_numpy(np.random.default_rng([seed, _INIT, int(key)]).uniform(-1, 1, (1,) + blocks))
+        d = blocks_to_pixels(d, patch, shape[1:])
         d = d * epsilon if norm == "linf" else d * (epsilon / d.norm())
         out[n] = grey_levels(d.float())[0].numpy()
     return out
@@ -109,16 +131,18 @@ class NoiseStore:
 
 def minimise_noise(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, labels: torch.Tensor, task: str,
                    epsilon: float, norm: str, steps: int, step_size: float,
-                   augment_gen: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:
+                   augment_gen: torch.Generator | None = None, padding: int = 4, patch: int = 1) -> torch.Tensor:
     """``steps`` projected signed-gradient steps (``step_size`` x ε each) that lower the
     model's loss on x + δ, keeping δ within ε and x + δ in [0, 1]; with ``augment_gen`` each
-    step sees a fresh crop and flip of x + δ."""
+    step sees a fresh crop and flip of x + δ; with ``patch`` > 1 each step follows the mean
+    gradient of each ``patch`` x ``patch`` block."""
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
         inputs = x + delta
         if augment_gen is not None:
             inputs = crop_flip(inputs, augment_gen, padding)
         grad, = torch.autograd.grad(classification_loss(model(inputs), labels, task), delta)
+        grad = block_mean(grad, patch)
         with torch.no_grad():
             if norm == "linf":
                 step = grad.sign()
@@ -158,6 +182,8 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
         raise UserError(f"batch_size={cfg['batch_size']} needs {per_rank} samples per rank; "
                         f"each rank holds {len(data)}")
     shape = (data.channels, data.image_size, data.image_size)
+    if e["patch"] > data.image_size:
+        raise UserError(f"em.patch={e['patch']} is larger than the {data.image_size}-px images")
     rows = min(per_rank * 4, chunk_rows(CHUNK_BYTES, int(np.prod(shape)), 4))  # noise-pass batch
     ids = data.local_index()
     store = NoiseStore(run.root / "em-parts" / f"part-{comm.rank:05d}.h5", ids, shape)
@@ -167,7 +193,8 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
         mine = labels[np.searchsorted(index, ids)]
         start = lambda rows_: classwise_levels(mine[rows_], pattern)  # noqa: E731
     else:
-        start = lambda rows_: initial_levels(ids[rows_], shape, cfg["epsilon"], cfg["norm"], cfg["seed"])  # noqa: E731
+        start = lambda rows_: initial_levels(ids[rows_], shape, cfg["epsilon"], cfg["norm"],  # noqa: E731
+                                             cfg["seed"], e["patch"])
     for lo in range(0, len(ids), rows):
         store.levels[lo:lo + rows] = start(slice(lo, lo + rows))
 
@@ -217,7 +244,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
             y = torch.from_numpy(labels).to(comm.device)
             d = torch.from_numpy(store.levels[lo:lo + len(x)]).to(comm.device).float() / 255.0
             d = minimise_noise(model, x, d, y, data.task, cfg["epsilon"], cfg["norm"], e["pgd_steps"],
-                               e["step_size"], gen, padding)
+                               e["step_size"], gen, padding, e["patch"])
             levels = grey_levels(d).cpu()
             store.levels[lo:lo + len(x)] = levels.numpy()
             with torch.no_grad():

@@ -11,8 +11,8 @@ from torch import nn
 
 from hpc_uc.config import load_config
 from hpc_uc.classwise import class_noise
-from hpc_uc.em import (NoiseStore, SampleNoise, classwise_levels, grey_levels, initial_levels, merge_parts,
-                        minimise_noise, model_cycles, model_seed)
+from hpc_uc.em import (NoiseStore, SampleNoise, block_mean, classwise_levels, grey_levels, initial_levels,
+                        merge_parts, minimise_noise, model_cycles, model_seed)
 from hpc_uc.errors import UserError
 from hpc_uc.rundir import RunDir
 from hpc_uc.training import classification_loss
@@ -43,6 +43,45 @@ def test_initial_noise_is_seeded_per_sample_id():
     assert np.array_equal(a[[2, 0]], initial_levels(ids[[2, 0]], SHAPE, EPS, "linf", seed=1))  # any split
     assert not np.array_equal(a, initial_levels(ids, SHAPE, EPS, "linf", seed=2))
     assert not np.array_equal(a[0], a[1])
+
+
+def blocks_are_constant(values: np.ndarray, patch: int, atol: float = 0.0) -> bool:
+    """Every patch x patch block of the last two axes holds one value (edge blocks cut)."""
+    h, w = values.shape[-2:]
+    return all(np.allclose(values[..., i:i + patch, j:j + patch], values[..., i:i + 1, j:j + 1], rtol=0, atol=atol)
+               for i in range(0, h, patch) for j in range(0, w, patch))
+
+
+def test_block_mean_averages_each_block_and_cuts_edge_blocks_to_the_image():
+    grad = torch.arange(25.0).view(1, 1, 5, 5)
+    out = block_mean(grad, 2)
+    assert out.shape == grad.shape
+    assert float(out[0, 0, 0, 0]) == float(out[0, 0, 1, 1]) == (0 + 1 + 5 + 6) / 4
+    assert float(out[0, 0, 4, 4]) == 24.0                      # a 1 x 1 edge block is its pixel
+    assert float(out[0, 0, 4, 0]) == float(out[0, 0, 4, 1]) == (20 + 21) / 2
+    assert block_mean(grad, 1) is grad
+
+
+@pytest.mark.parametrize("patch", [2, 3])
+def test_patch_noise_starts_block_constant_within_budget(patch):
+    ids = np.arange(6)
+    levels = initial_levels(ids, SHAPE, EPS, "linf", seed=1, patch=patch)
+    assert blocks_are_constant(levels, patch) and not blocks_are_constant(levels, 2 * patch)
+    assert np.abs(levels).max() <= 16
+    assert np.array_equal(initial_levels(ids, SHAPE, EPS, "linf", seed=1, patch=1),
+                          initial_levels(ids, SHAPE, EPS, "linf", seed=1))  # patch 1: the paper's draw
+
+
+def test_patch_noise_steps_move_whole_blocks():
+    model = tiny_model()
+    x = 0.25 + 0.5 * torch.rand(8, *SHAPE)   # far from 0 and 1: no clip splits a block
+    y = torch.randint(0, 2, (8, 1))
+    start = torch.from_numpy(initial_levels(np.arange(8), SHAPE, EPS, "linf", seed=0, patch=4)).float() / 255
+    delta = minimise_noise(model, x, start, y, "multi-class", EPS, "linf", 5, 0.2, patch=4)
+    assert blocks_are_constant(delta.numpy(), 4, atol=1e-6)   # x + δ - x rounds in the last bit
+    assert not torch.allclose(delta, start, atol=1e-3)
+    free = minimise_noise(model, x, start, y, "multi-class", EPS, "linf", 5, 0.2)
+    assert not blocks_are_constant(free.numpy(), 4, atol=1e-3)   # without the knob, pixels move apart
 
 
 def test_restarts_split_the_rounds_into_fresh_models():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from hpc_uc.errors import UserError
 from hpc_uc.export import protect, read_whole_split
 from hpc_uc.pipeline import run_all, start
 from hpc_uc.report import validate_results
@@ -115,8 +116,6 @@ def test_clean_victims_are_reused_only_for_the_same_key(finished_run, tmp_path, 
 
 
 def test_misspelled_defense_is_refused_before_any_work(digits_dir, tmp_path):
-    from hpc_uc.errors import UserError
-
     cfg = tiny_config(digits_dir, tmp_path / "run", "defenses=[jpg10]")
     with pytest.raises(UserError, match="unknown defense 'jpg10'"):
         start(cfg)
@@ -247,6 +246,28 @@ def test_em_restarts_train_fresh_models(finished_run, tmp_path):
         models[every] = [r["model"] for r in rows if r.get("stage") == "train" and "model" in r]
     assert models == {0: [1, 1], 1: [1, 2], 2: [1, 1]}
     assert np.array_equal(noise[0], noise[2]) and not np.array_equal(noise[0], noise[1])
+
+
+def test_em_patch_noise_starts_in_blocks_and_rejects_a_patch_beyond_the_image(finished_run, tmp_path):
+    """em.patch=4 with no rounds: every image's δ in perturbations.h5 is constant on 4 x 4
+    blocks and differs between images; a patch wider than the 28-px images is refused."""
+    import shutil
+
+    from hpc_uc.em import SampleNoise
+    from hpc_uc.pipeline import run_stage
+
+    cfg, run = finished_run
+    _, _, index = read_whole_split(cfg["data_dir"], "train")
+    shutil.copytree(run.root, tmp_path / "p4")
+    other = tiny_config(cfg["data_dir"], tmp_path / "p4", "method=em", "em.rounds=0", "em.patch=4")
+    comm, moved = start(other)
+    run_stage("train", other, comm, moved)
+    delta = SampleNoise(moved.perturbations)(index[:32]).reshape(32, 1, 7, 4, 7, 4)
+    assert np.all(delta == delta[:, :, :, :1, :, :1]) and len({d.tobytes() for d in delta}) == 32
+    assert 0 < np.abs(delta).max() <= other["epsilon"]
+    wide = tiny_config(cfg["data_dir"], tmp_path / "p4", "method=em", "em.patch=29")
+    with pytest.raises(UserError, match="em.patch=29 is larger than the 28-px images"):
+        run_stage("train", wide, comm, moved)
 
 
 def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
