@@ -72,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "em": {                       # method=em (Huang et al. 2021), global batch = batch_size
         "rounds": 10,             # at most this many rounds of (model steps, noise steps)
-        "train_steps": 10,        # model steps per round (SGD, momentum 0.9, cosine)
+        "train_steps": 10,        # model steps per round (em.optimizer, cosine schedule)
         "pgd_steps": 20,          # signed-gradient steps on each image's delta per round
         "step_size": 0.1,         # per step, as a fraction of epsilon
         "stop_accuracy": 0.99,    # stop once the model fits the perturbed training split this well
@@ -88,6 +88,8 @@ DEFAULTS: dict[str, Any] = {
                                   # (docs/efficacy.md)
         "arch": "resnet18",
         "stem": "auto",           # auto (small for <= 64 px) | small | standard
+        "optimizer": "sgd",       # sgd (momentum 0.9, em.lr, em.weight_decay; the paper's) | adam
+                                  # (the medmnist victim's: Adam at victim.lr, victim.weight_decay)
         "lr": 0.1,                # at global batch 128, scaled like the others (lr_scaling)
         "weight_decay": 5e-4,
     },
@@ -151,6 +153,7 @@ CHOICES = {
     "em.arch": ("resnet18", "resnet50"),
     "em.stem": ("auto", "small", "standard"),
     "em.init": ("uniform", "classwise"),
+    "em.optimizer": ("sgd", "adam"),
     "victim.stem": ("auto", "small", "standard"),
     "victim.select": ("auc", "acc"),
     "victim.input_norm": ("medmnist", "imagenet"),

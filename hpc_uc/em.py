@@ -168,6 +168,18 @@ def model_seed(seed: int, cycle: int) -> int:
     return int(np.random.SeedSequence([seed, _RESTART, cycle]).generate_state(1)[0])
 
 
+def noise_model_optimizer(cfg: dict, model: nn.Module) -> tuple[torch.optim.Optimizer, float]:
+    """em's model optimiser and its peak learning rate: ``sgd`` (momentum 0.9, ``em.lr`` at
+    global batch 128, ``em.weight_decay``) or ``adam`` (the medmnist victim's: Adam at
+    ``victim.lr`` and ``victim.weight_decay``), both scaled to ``batch_size`` by lr_scaling."""
+    e, v = cfg["em"], cfg["victim"]
+    if e["optimizer"] == "adam":
+        lr = scaled_lr(cfg, v["lr"], cfg["batch_size"], v["base_batch_size"])
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=v["weight_decay"]), lr
+    lr = scaled_lr(cfg, e["lr"], cfg["batch_size"], UE_BATCH)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=e["weight_decay"]), lr
+
+
 def _perturbed(x: torch.Tensor, levels: np.ndarray) -> torch.Tensor:
     return (x + torch.from_numpy(levels).to(x.device).float() / 255.0).clamp(0, 1)
 
@@ -204,8 +216,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
 
     model = fresh_model(0).to(comm.device)
     comm.broadcast_model(model)
-    lr = scaled_lr(cfg, e["lr"], cfg["batch_size"], UE_BATCH)
-    base = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=e["weight_decay"])
+    base, lr = noise_model_optimizer(cfg, model)
     opt = comm.distributed_optimizer(base, model)
     log = MetricsLog(run.metrics, comm, "train")
     padding = CROP_PADDING

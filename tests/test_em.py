@@ -12,7 +12,7 @@ from torch import nn
 from hpc_uc.config import load_config
 from hpc_uc.classwise import class_noise
 from hpc_uc.em import (NoiseStore, SampleNoise, block_mean, classwise_levels, grey_levels, initial_levels,
-                        merge_parts, minimise_noise, model_cycles, model_seed)
+                        merge_parts, minimise_noise, model_cycles, model_seed, noise_model_optimizer)
 from hpc_uc.errors import UserError
 from hpc_uc.rundir import RunDir
 from hpc_uc.training import classification_loss
@@ -82,6 +82,19 @@ def test_patch_noise_steps_move_whole_blocks():
     assert not torch.allclose(delta, start, atol=1e-3)
     free = minimise_noise(model, x, start, y, "multi-class", EPS, "linf", 5, 0.2)
     assert not blocks_are_constant(free.numpy(), 4, atol=1e-3)   # without the knob, pixels move apart
+
+
+def test_noise_model_optimizer_is_the_papers_sgd_or_the_medmnist_victims_adam():
+    model = tiny_model()
+    cfg = load_config(None, ["method=em", "batch_size=64", "em.lr=0.2", "victim.lr=0.004"])
+    sgd, lr = noise_model_optimizer(cfg, model)
+    assert type(sgd) is torch.optim.SGD and lr == pytest.approx(0.1)      # 0.2 at batch 128, linear
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == cfg["em"]["weight_decay"]
+    cfg = load_config(None, ["method=em", "batch_size=64", "em.optimizer=adam", "victim.lr=0.004",
+                             "victim.weight_decay=0.01"])
+    adam, lr = noise_model_optimizer(cfg, model)
+    assert type(adam) is torch.optim.Adam and lr == pytest.approx(0.002)  # victim.lr at batch 128
+    assert adam.defaults["lr"] == lr and adam.defaults["weight_decay"] == 0.01
 
 
 def test_restarts_split_the_rounds_into_fresh_models():
@@ -164,6 +177,8 @@ def test_noise_of_another_method_is_refused(tmp_path):
     ("em.step_size=2", "em.step_size"),
     ("em.lr=0", "em.lr"),
     ("em.stem=huge", "em.stem"),
+    ("em.optimizer=rmsprop", "em.optimizer"),
+    ("em.patch=0", "em.patch"),
 ])
 def test_em_settings_are_checked(override, message):
     assert load_config(None, ["method=em"])["em"]["rounds"] == 10
