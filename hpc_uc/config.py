@@ -89,9 +89,10 @@ DEFAULTS: dict[str, Any] = {
         "arch": "resnet18",
         "stem": "auto",           # auto (small for <= 64 px) | small | standard
         "optimizer": "sgd",       # sgd (momentum 0.9, em.lr, em.weight_decay; the paper's) | adam
-                                  # (the medmnist victim's: Adam at victim.lr, victim.weight_decay)
-        "lr": 0.1,                # at global batch 128, scaled like the others (lr_scaling)
-        "weight_decay": 5e-4,
+                                  # (em.adam_lr, no weight decay: the medmnist victim's defaults)
+        "lr": 0.1,                # sgd's, at global batch 128, scaled like the others (lr_scaling)
+        "weight_decay": 5e-4,     # sgd's
+        "adam_lr": 1e-3,          # adam's, at global batch 128, scaled the same way
     },
     "export": {
         "npz": True,              # also write RUN_DIR/protected.npz (MedMNIST's layout, streamed)
@@ -183,7 +184,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "em.rounds": ("int", 0, INF), "em.train_steps": ("int", 0, INF), "em.pgd_steps": ("int", 0, INF),
     "em.restart_every": ("int", 0, INF), "em.patch": ("int", 1, INF),
     "em.step_size": ("number", 0, 1), "em.stop_accuracy": ("number", 0, 1), "em.augment": ("bool", None, None),
-    "em.lr": ("number", 0, INF), "em.weight_decay": ("number", 0, INF),
+    "em.lr": ("number", 0, INF), "em.weight_decay": ("number", 0, INF), "em.adam_lr": ("number", 0, INF),
     "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
@@ -194,7 +195,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "defense.pgd_epsilon": ("number", 0, 1), "defense.pgd_steps": ("int", 0, INF),
     "defense.pgd_step_size": ("number", 0, 1),
 }
-POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr", "export.chunk_mib", "em.lr"}  # > 0, not just >= 0
+POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr", "export.chunk_mib", "em.lr", "em.adam_lr"}  # > 0, not just >= 0
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:

@@ -169,13 +169,14 @@ def model_seed(seed: int, cycle: int) -> int:
 
 
 def noise_model_optimizer(cfg: dict, model: nn.Module) -> tuple[torch.optim.Optimizer, float]:
-    """em's model optimiser and its peak learning rate: ``sgd`` (momentum 0.9, ``em.lr`` at
-    global batch 128, ``em.weight_decay``) or ``adam`` (the medmnist victim's: Adam at
-    ``victim.lr`` and ``victim.weight_decay``), both scaled to ``batch_size`` by lr_scaling."""
-    e, v = cfg["em"], cfg["victim"]
+    """em's model optimiser and its peak learning rate: ``sgd`` (momentum 0.9, ``em.lr``,
+    ``em.weight_decay``) or ``adam`` (``em.adam_lr``, no weight decay: the medmnist victim's
+    defaults), either rate given at global batch 128 and scaled to ``batch_size`` by lr_scaling.
+    Only ``em`` keys: the train stage re-runs when one changes."""
+    e = cfg["em"]
     if e["optimizer"] == "adam":
-        lr = scaled_lr(cfg, v["lr"], cfg["batch_size"], v["base_batch_size"])
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=v["weight_decay"]), lr
+        lr = scaled_lr(cfg, e["adam_lr"], cfg["batch_size"], UE_BATCH)
+        return torch.optim.Adam(model.parameters(), lr=lr), lr
     lr = scaled_lr(cfg, e["lr"], cfg["batch_size"], UE_BATCH)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=e["weight_decay"]), lr
 
@@ -194,8 +195,6 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
         raise UserError(f"batch_size={cfg['batch_size']} needs {per_rank} samples per rank; "
                         f"each rank holds {len(data)}")
     shape = (data.channels, data.image_size, data.image_size)
-    if e["patch"] > data.image_size:
-        raise UserError(f"em.patch={e['patch']} is larger than the {data.image_size}-px images")
     rows = min(per_rank * 4, chunk_rows(CHUNK_BYTES, int(np.prod(shape)), 4))  # noise-pass batch
     ids = data.local_index()
     store = NoiseStore(run.root / "em-parts" / f"part-{comm.rank:05d}.h5", ids, shape)

@@ -68,33 +68,39 @@ def test_patch_noise_starts_block_constant_within_budget(patch):
     levels = initial_levels(ids, SHAPE, EPS, "linf", seed=1, patch=patch)
     assert blocks_are_constant(levels, patch) and not blocks_are_constant(levels, 2 * patch)
     assert np.abs(levels).max() <= 16
+    l2 = initial_levels(ids, SHAPE, 0.5, "l2", seed=1, patch=patch)
+    assert blocks_are_constant(l2, patch) and np.all(np.linalg.norm(l2.reshape(6, -1) / 255, axis=1) <= 0.5)
+    assert np.array_equal(levels[[4, 1]], initial_levels(ids[[4, 1]], SHAPE, EPS, "linf", seed=1, patch=patch))
     assert np.array_equal(initial_levels(ids, SHAPE, EPS, "linf", seed=1, patch=1),
                           initial_levels(ids, SHAPE, EPS, "linf", seed=1))  # patch 1: the paper's draw
 
 
-def test_patch_noise_steps_move_whole_blocks():
+@pytest.mark.parametrize("norm, epsilon", [("linf", EPS), ("l2", 0.5)])
+def test_patch_noise_steps_move_whole_blocks(norm, epsilon):
     model = tiny_model()
     x = 0.25 + 0.5 * torch.rand(8, *SHAPE)   # far from 0 and 1: no clip splits a block
     y = torch.randint(0, 2, (8, 1))
-    start = torch.from_numpy(initial_levels(np.arange(8), SHAPE, EPS, "linf", seed=0, patch=4)).float() / 255
-    delta = minimise_noise(model, x, start, y, "multi-class", EPS, "linf", 5, 0.2, patch=4)
+    start = torch.from_numpy(initial_levels(np.arange(8), SHAPE, epsilon, norm, seed=0, patch=4)).float() / 255
+    delta = minimise_noise(model, x, start, y, "multi-class", epsilon, norm, 5, 0.2, patch=4)
+    size = delta.flatten(1).abs().amax(1) if norm == "linf" else delta.flatten(1).norm(dim=1)
+    assert torch.all(size <= epsilon * (1 + 1e-5))
     assert blocks_are_constant(delta.numpy(), 4, atol=1e-6)   # x + δ - x rounds in the last bit
     assert not torch.allclose(delta, start, atol=1e-3)
-    free = minimise_noise(model, x, start, y, "multi-class", EPS, "linf", 5, 0.2)
+    free = minimise_noise(model, x, start, y, "multi-class", epsilon, norm, 5, 0.2)
     assert not blocks_are_constant(free.numpy(), 4, atol=1e-3)   # without the knob, pixels move apart
 
 
 def test_noise_model_optimizer_is_the_papers_sgd_or_the_medmnist_victims_adam():
     model = tiny_model()
-    cfg = load_config(None, ["method=em", "batch_size=64", "em.lr=0.2", "victim.lr=0.004"])
+    cfg = load_config(None, ["method=em", "batch_size=64", "em.lr=0.2", "em.adam_lr=0.004"])
     sgd, lr = noise_model_optimizer(cfg, model)
     assert type(sgd) is torch.optim.SGD and lr == pytest.approx(0.1)      # 0.2 at batch 128, linear
     assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == cfg["em"]["weight_decay"]
-    cfg = load_config(None, ["method=em", "batch_size=64", "em.optimizer=adam", "victim.lr=0.004",
-                             "victim.weight_decay=0.01"])
+    cfg = load_config(None, ["method=em", "batch_size=64", "em.optimizer=adam", "em.adam_lr=0.004"])
     adam, lr = noise_model_optimizer(cfg, model)
-    assert type(adam) is torch.optim.Adam and lr == pytest.approx(0.002)  # victim.lr at batch 128
-    assert adam.defaults["lr"] == lr and adam.defaults["weight_decay"] == 0.01
+    assert type(adam) is torch.optim.Adam and lr == pytest.approx(0.002)  # em.adam_lr at batch 128
+    assert adam.defaults["lr"] == lr and adam.defaults["weight_decay"] == 0
+    assert load_config(None, ["method=em"])["em"]["adam_lr"] == cfg["victim"]["lr"]  # the victim's default
 
 
 def test_restarts_split_the_rounds_into_fresh_models():
@@ -209,7 +215,7 @@ def test_classwise_start_refuses_multilabel_data(tmp_path, monkeypatch):
 
     split = {"count": 10}
     monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
-        "task": "multi-label, binary-class", "splits": {"train": split, "test": split}})
+        "task": "multi-label, binary-class", "image_size": 28, "splits": {"train": split, "test": split}})
     cfg = load_config(None, ["method=em", "em.init=classwise", f"data_dir={tmp_path}"])
     with pytest.raises(UserError, match="em.init=classwise needs one class per image"):
         pipeline.check_data(cfg)

@@ -265,9 +265,42 @@ def test_em_patch_noise_starts_in_blocks_and_rejects_a_patch_beyond_the_image(fi
     delta = SampleNoise(moved.perturbations)(index[:32]).reshape(32, 1, 7, 4, 7, 4)
     assert np.all(delta == delta[:, :, :, :1, :, :1]) and len({d.tobytes() for d in delta}) == 32
     assert 0 < np.abs(delta).max() <= other["epsilon"]
-    wide = tiny_config(cfg["data_dir"], tmp_path / "p4", "method=em", "em.patch=29")
-    with pytest.raises(UserError, match="em.patch=29 is larger than the 28-px images"):
-        run_stage("train", wide, comm, moved)
+    for bad, message in (("em.patch=29", "em.patch=29 is larger than the 28-px images"),
+                         ("em.init=classwise", "em.patch=2 needs em.init=uniform")):
+        wrong = tiny_config(cfg["data_dir"], tmp_path / "refused", "method=em", "em.patch=2", bad)
+        with pytest.raises(UserError, match=message):
+            start(wrong)  # before any data is read or trained on
+    assert not (tmp_path / "refused").exists()
+
+
+def test_em_rounds_use_the_patch_and_the_optimizer_asked_for(finished_run, tmp_path, monkeypatch):
+    """The em rounds pass em.patch to every noise step and train with em.optimizer's optimiser."""
+    import shutil
+
+    from hpc_uc import em
+    from hpc_uc.pipeline import run_stage
+
+    seen = {"patch": set(), "optimizer": []}
+    steps, build = em.minimise_noise, em.noise_model_optimizer
+
+    def noise_steps(*args, **kwargs):
+        seen["patch"].add(args[-1] if len(args) == 12 else kwargs.get("patch", 1))
+        return steps(*args, **kwargs)
+
+    def optimizer(*args):
+        opt, lr = build(*args)
+        seen["optimizer"].append(type(opt).__name__)
+        return opt, lr
+
+    monkeypatch.setattr(em, "minimise_noise", noise_steps)
+    monkeypatch.setattr(em, "noise_model_optimizer", optimizer)
+    cfg, run = finished_run
+    shutil.copytree(run.root, tmp_path / "wired")
+    other = tiny_config(cfg["data_dir"], tmp_path / "wired", "method=em", "em.rounds=1", "em.train_steps=1",
+                        "em.pgd_steps=1", "em.patch=2", "em.optimizer=adam")
+    comm, moved = start(other)
+    run_stage("train", other, comm, moved)
+    assert seen == {"patch": {2}, "optimizer": ["Adam"]}
 
 
 def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
