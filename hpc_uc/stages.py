@@ -116,24 +116,25 @@ def _check_cluster(cfg: dict, manifest: dict) -> None:
 
 def _check_train(cfg: dict, manifest: dict) -> None:
     if cfg["method"] == "em":
-        _check_em(cfg, manifest)
-    if not is_multilabel(manifest["task"]):
-        return
-    if METHODS[cfg["method"]].label_wise:
+        _check_em(cfg["em"], manifest, cfg["data_dir"])
+    elif METHODS[cfg["method"]].label_wise and is_multilabel(manifest["task"]):
         raise UserError(f"method={cfg['method']} needs one class per image; "
                         f"{Path(cfg['data_dir'])} is {manifest['task']}")
-    if cfg["method"] == "em" and cfg["em"]["init"] == "classwise":
-        raise UserError(f"em.init=classwise needs one class per image; "
-                        f"{Path(cfg['data_dir'])} is {manifest['task']} (use em.init=uniform)")
 
 
-def _check_em(cfg: dict, manifest: dict) -> None:
-    """em.patch against the images, and against a start that is not block-wise."""
-    patch, size = cfg["em"]["patch"], manifest["image_size"]
+def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
+    """em.patch against the images, and em.init=classwise against block-wise noise and
+    multi-label data."""
+    patch, size = em["patch"], manifest["image_size"]
     if patch > size:
         raise UserError(f"em.patch={patch} is larger than the {size}-px images")
-    if patch > 1 and cfg["em"]["init"] == "classwise":
+    if em["init"] != "classwise":
+        return
+    if patch > 1:
         raise UserError(f"em.patch={patch} needs em.init=uniform (the classwise start is per pixel)")
+    if is_multilabel(manifest["task"]):
+        raise UserError(f"em.init=classwise needs one class per image; "
+                        f"{Path(data_dir)} is {manifest['task']} (use em.init=uniform)")
 
 
 def _check_evaluate(cfg: dict, manifest: dict) -> None:
