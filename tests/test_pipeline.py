@@ -275,6 +275,7 @@ def test_em_patch_noise_starts_in_blocks_and_rejects_a_patch_beyond_the_image(fi
 
 def test_em_rounds_use_the_patch_and_the_optimizer_asked_for(finished_run, tmp_path, monkeypatch):
     """The em rounds pass em.patch to every noise step and train with em.optimizer's optimiser."""
+    import inspect
     import shutil
 
     from hpc_uc import em
@@ -284,7 +285,9 @@ def test_em_rounds_use_the_patch_and_the_optimizer_asked_for(finished_run, tmp_p
     steps, build = em.minimise_noise, em.noise_model_optimizer
 
     def noise_steps(*args, **kwargs):
-        seen["patch"].add(args[-1] if len(args) == 12 else kwargs.get("patch", 1))
+        call = inspect.signature(steps).bind(*args, **kwargs)
+        call.apply_defaults()
+        seen["patch"].add(call.arguments["patch"])
         return steps(*args, **kwargs)
 
     def optimizer(*args):
