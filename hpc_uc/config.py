@@ -83,6 +83,10 @@ DEFAULTS: dict[str, Any] = {
         "init": "uniform",        # where each image's delta starts: uniform noise of its own
                                   # (the paper's) | classwise (its class's random pattern, as
                                   # method=classwise draws it; single-label sets)
+        "objective": "min",       # min: noise that lowers the loss of its true class, for a model
+                                  # trained on x + delta (the paper's) | targeted: noise toward the
+                                  # next class (y + 1 mod classes), for a model trained on clean
+                                  # images (adversarial poisoning, Fowl et al. 2021; one class per image)
         "augment": True,          # the ue victim's crop + flip inside both steps (expectation):
                                   # deeper on BreastMNIST, both protocols; digits: nothing protects
                                   # (docs/efficacy.md)
@@ -155,6 +159,7 @@ CHOICES = {
     "em.stem": ("auto", "small", "standard"),
     "em.init": ("uniform", "classwise"),
     "em.optimizer": ("sgd", "adam"),
+    "em.objective": ("min", "targeted"),
     "victim.stem": ("auto", "small", "standard"),
     "victim.select": ("auc", "acc"),
     "victim.input_norm": ("medmnist", "imagenet"),

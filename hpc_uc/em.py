@@ -181,6 +181,14 @@ def noise_model_optimizer(cfg: dict, model: nn.Module) -> tuple[torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=e["weight_decay"]), lr
 
 
+def noise_targets(labels: torch.Tensor, num_classes: int, objective: str) -> torch.Tensor:
+    """The labels δ lowers the loss of: each image's own (``min``) or the next class,
+    y + 1 mod ``num_classes`` (``targeted``; single-label N x 1 labels)."""
+    if objective == "targeted":
+        return (labels + 1) % num_classes
+    return labels
+
+
 def _perturbed(x: torch.Tensor, levels: np.ndarray) -> torch.Tensor:
     return (x + torch.from_numpy(levels).to(x.device).float() / 255.0).clamp(0, 1)
 
@@ -218,6 +226,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
     base, lr = noise_model_optimizer(cfg, model)
     opt = comm.distributed_optimizer(base, model)
     log = MetricsLog(run.metrics, comm, "train")
+    targeted = e["objective"] == "targeted"  # the model learns clean images; δ aims at the next class
     padding = CROP_PADDING
     starts = {lo: (cycle, n * e["train_steps"])
               for cycle, (lo, n) in enumerate(model_cycles(e["rounds"], e["restart_every"]))}
@@ -239,7 +248,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
                 batches = data.batches(per_rank, epoch=epoch, shuffle=True, drop_last=True)
                 epoch, batch = epoch + 1, next(batches)
             x, y, idx = batch
-            inputs = _perturbed(x, store.read(store.rows_of(idx.cpu().numpy())))
+            inputs = x if targeted else _perturbed(x, store.read(store.rows_of(idx.cpu().numpy())))
             if gen is not None:
                 inputs = crop_flip(inputs, gen, padding)
             set_lr(opt, lr_at(step, cycle_steps, 0, lr))
@@ -251,7 +260,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
         counts = torch.zeros(2, dtype=torch.float64)
         for lo, (images, labels, _) in zip(range(0, len(ids), rows), data.local_chunks(rows)):
             x = torch.from_numpy(images).to(comm.device).permute(0, 3, 1, 2).float() / 255.0
-            y = torch.from_numpy(labels).to(comm.device)
+            y = noise_targets(torch.from_numpy(labels).to(comm.device), data.num_classes, e["objective"])
             d = torch.from_numpy(store.levels[lo:lo + len(x)]).to(comm.device).float() / 255.0
             d = minimise_noise(model, x, d, y, data.task, cfg["epsilon"], cfg["norm"], e["pgd_steps"],
                                e["step_size"], gen, padding, e["patch"])
@@ -259,7 +268,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
             store.levels[lo:lo + len(x)] = levels.numpy()
             with torch.no_grad():
                 scores = model(_perturbed(x, levels.numpy())).float().cpu().numpy()
-            counts += torch.tensor([accuracy(scores, labels, data.task) * len(x), len(x)], dtype=torch.float64)
+            counts += torch.tensor([accuracy(scores, y.cpu().numpy(), data.task) * len(x), len(x)], dtype=torch.float64)
         counts = comm.allreduce(counts, op="sum", name="em.accuracy")
         acc, done = float(counts[0] / max(1.0, float(counts[1]))), round_ + 1
         log.write(round=round_ + 1, model=cycle + 1, train_accuracy_perturbed=acc,

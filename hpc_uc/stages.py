@@ -123,11 +123,14 @@ def _check_train(cfg: dict, manifest: dict) -> None:
 
 
 def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
-    """em.patch against the images, and em.init=classwise against block-wise noise and
-    multi-label data."""
+    """em.patch against the images, em.objective=targeted against multi-label data, and
+    em.init=classwise against block-wise noise and multi-label data."""
     patch, size = em["patch"], manifest["image_size"]
     if patch > size:
         raise UserError(f"em.patch={patch} is larger than the {size}-px images")
+    if em["objective"] == "targeted" and is_multilabel(manifest["task"]):
+        raise UserError(f"em.objective=targeted needs one class per image; "
+                        f"{Path(data_dir)} is {manifest['task']} (use em.objective=min)")
     if em["init"] != "classwise":
         return
     if patch > 1:

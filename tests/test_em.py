@@ -12,7 +12,7 @@ from torch import nn
 from hpc_uc.config import load_config
 from hpc_uc.classwise import class_noise
 from hpc_uc.em import (NoiseStore, SampleNoise, block_mean, classwise_levels, grey_levels, initial_levels,
-                        merge_parts, minimise_noise, model_cycles, model_seed, noise_model_optimizer)
+                        merge_parts, minimise_noise, model_cycles, noise_targets, model_seed, noise_model_optimizer)
 from hpc_uc.errors import UserError
 from hpc_uc.rundir import RunDir
 from hpc_uc.training import classification_loss
@@ -185,6 +185,7 @@ def test_noise_of_another_method_is_refused(tmp_path):
     ("em.stem=huge", "em.stem"),
     ("em.optimizer=rmsprop", "em.optimizer"),
     ("em.patch=0", "em.patch"),
+    ("em.objective=max", "em.objective"),
 ])
 def test_em_settings_are_checked(override, message):
     assert load_config(None, ["method=em"])["em"]["rounds"] == 10
@@ -220,3 +221,22 @@ def test_classwise_start_refuses_multilabel_data(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="em.init=classwise needs one class per image"):
         pipeline.check_data(cfg)
     pipeline.check_data({**cfg, "em": {**cfg["em"], "init": "uniform"}})  # the default takes it
+
+
+def test_targeted_objective_refuses_multilabel_data(tmp_path, monkeypatch):
+    from hpc_uc import pipeline
+
+    split = {"count": 10}
+    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
+        "task": "multi-label, binary-class", "image_size": 28, "splits": {"train": split, "test": split}})
+    cfg = load_config(None, ["method=em", "em.objective=targeted", f"data_dir={tmp_path}"])
+    with pytest.raises(UserError, match="em.objective=targeted needs one class per image"):
+        pipeline.check_data(cfg)
+    pipeline.check_data({**cfg, "em": {**cfg["em"], "objective": "min"}})  # the default takes it
+
+
+def test_noise_targets_are_the_own_class_or_the_next_one():
+    labels = torch.tensor([[0], [1], [2], [4]])
+    assert torch.equal(noise_targets(labels, 5, "min"), labels)
+    assert torch.equal(noise_targets(labels, 5, "targeted"), torch.tensor([[1], [2], [3], [0]]))
+    assert torch.equal(noise_targets(torch.tensor([[0], [1]]), 2, "targeted"), torch.tensor([[1], [0]]))

@@ -306,6 +306,55 @@ def test_em_rounds_use_the_patch_and_the_optimizer_asked_for(finished_run, tmp_p
     assert seen == {"patch": {2}, "optimizer": ["Adam"]}
 
 
+@pytest.mark.parametrize("objective", ["min", "targeted"])
+def test_em_objective_picks_what_the_model_learns_and_where_the_noise_points(objective, finished_run, tmp_path,
+                                                                            monkeypatch):
+    """em.objective=min: the model trains on x + δ and δ lowers the loss of each image's own
+    class; targeted: the model trains on the clean images and δ points at the next class."""
+    import inspect
+    import shutil
+
+    import torch
+
+    from hpc_uc import em
+    from hpc_uc.pipeline import run_stage
+
+    cfg, run = finished_run
+    images, labels, _ = read_whole_split(cfg["data_dir"], "train")
+    label_of = {im.tobytes(): int(lab[0]) for im, lab in zip(images, labels)}
+    classes = int(labels.max()) + 1
+    seen = {"clean_batches": [], "targets_next": []}
+    steps, build = em.minimise_noise, em.victim_model
+
+    def noise_steps(*args, **kwargs):
+        call = inspect.signature(steps).bind(*args, **kwargs).arguments
+        pixels = (call["x"].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        own = np.array([label_of[p.tobytes()] for p in pixels])
+        seen["targets_next"].append(bool(np.array_equal(call["labels"][:, 0].cpu().numpy(), (own + 1) % classes)))
+        return steps(*args, **kwargs)
+
+    def model(*args):
+        net = build(*args)
+
+        def record(module, inputs):
+            if module.training:
+                pixels = (inputs[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+                seen["clean_batches"].append(all(p.tobytes() in label_of for p in pixels))
+        net.register_forward_pre_hook(record)
+        return net
+
+    monkeypatch.setattr(em, "minimise_noise", noise_steps)
+    monkeypatch.setattr(em, "victim_model", model)
+    shutil.copytree(run.root, tmp_path / "wired")
+    other = tiny_config(cfg["data_dir"], tmp_path / "wired", "method=em", "em.rounds=2", "em.train_steps=2",
+                        "em.pgd_steps=1", "em.augment=false", "em.stop_accuracy=1", f"em.objective={objective}")
+    comm, moved = start(other)
+    run_stage("train", other, comm, moved)
+    targeted = objective == "targeted"
+    assert seen["clean_batches"] and set(seen["clean_batches"]) == {targeted}
+    assert seen["targets_next"] and set(seen["targets_next"]) == {targeted}
+
+
 def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
     """export.chunk_mib bounds the export's working memory: a chunk of 50 images per shard gives
     the same protected images as the one-chunk export, over 26 shards."""
