@@ -30,6 +30,7 @@ from .atomic import read_json, write_json
 from .comm import Comm
 from .config import check_world, scaled_lr
 from .defenses import build_defense
+from .epoch_picks import EpochPicks, turned_reading
 from .imperceptibility import parallel_imperceptibility
 from .metrics import chance_accuracy, medmnist_metrics, prior_loss
 from .models import ResNetClassifier, ResNetWithFeature, victim_model
@@ -127,7 +128,8 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, s
     manifest = train.manifest
     torch.manual_seed(cfg["seed"])
     model = build_victim(cfg, manifest)
-    best = {"score": -1.0, "val_acc": None, "val_auc": None, "state": None, "epoch": 0}
+    picks = EpochPicks(v["select"], turning=not s["final"])
+    best, turned = picks.best, picks.turned
     history: list[dict] = []
     label = f"{protocol}/{name}"
 
@@ -138,10 +140,7 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, s
             scores = medmnist_metrics(manifest["task"], result[1], result[0]) if comm.is_root else None
             scores = comm.broadcast(scores)
             record.update(val_acc=scores["acc"], val_auc=scores["auc"])
-            score = scores[v["select"]] if scores[v["select"]] is not None else scores["acc"]
-            if score > best["score"]:
-                best.update(score=score, val_acc=scores["acc"], val_auc=scores["auc"],
-                            state=copy.deepcopy(model.state_dict()), epoch=epoch + 1)
+            picks.see(epoch + 1, scores, lambda: copy.deepcopy(model.state_dict()))
         history.append(record)
         log.write(**record)
         if comm.is_root:
@@ -169,6 +168,11 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, s
         if best["state"] is not None:
             model.load_state_dict(best["state"])
     out = measure(cfg, model, splits, comm)
+    if turned["state"] is not None:
+        if turned["epoch"] != final_epoch:
+            model.load_state_dict(turned["state"])
+        extra.update(turned_reading(turned, out if turned["epoch"] == final_epoch
+                                    else measure(cfg, model, splits, comm)))
     if not comm.is_root:
         return {}
     out.update(best_epoch=best["epoch"], reported_epoch=final_epoch, epochs=s["epochs"],

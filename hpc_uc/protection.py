@@ -5,13 +5,17 @@ For a metric m, share = (clean_m - protected_m) / (clean_m - chance_m), clipped 
 Chance is the test split's majority rate for the accuracies and 0.5 for AUC. A protected
 AUC below 0.5 is read as 1 - AUC: a victim that ranks the classes the wrong way round still
 separates them, and an attacker with a few labelled images turns its scores over (measured:
-AUC 0.146 on an RGB copy of BreastMNIST). The headline is the smallest share: a protection is
-only as deep as its weakest reading.
+AUC 0.146 on an RGB copy of BreastMNIST). Where the victim protocol picks an epoch on clean
+validation images (``medmnist``), the same attacker also picks the epoch whose validation AUC
+is farthest from 0.5 and turns its scores over when that AUC is below 0.5 (``turned_*``): the
+AUC and re-fit readings are the higher of the two epochs'. The headline is the smallest share:
+a protection is only as deep as its weakest reading.
 """
 from __future__ import annotations
 
 METRICS = ("acc", "auc", "recalibrated_acc")
 VICTIM_FIELD = {"acc": "test_acc", "auc": "test_auc", "recalibrated_acc": "recalibrated_acc"}
+TURNED_FIELD = {"auc": "turned_test_auc", "recalibrated_acc": "turned_recalibrated_acc"}
 AUC_CHANCE = 0.5
 SHALLOW_MARGIN = 0.25  # "shallow": accuracy share this much above the weakest other share,
 SHALLOW_BELOW = 0.5    # and that weakest share keeps more than half of the clean skill
@@ -37,6 +41,9 @@ def protection_figures(clean: dict, protected: dict, chance_acc: float) -> dict[
     chance = {"acc": chance_acc, "auc": AUC_CHANCE, "recalibrated_acc": chance_acc}
     reading = {m: protected.get(VICTIM_FIELD[m]) for m in METRICS}
     reading["auc"] = ranking_auc(reading["auc"])
+    for m, field in TURNED_FIELD.items():  # the turning attacker's epoch, where it reads higher
+        if protected.get(field) is not None:
+            reading[m] = protected[field] if reading[m] is None else max(reading[m], protected[field])
     out = {m: gap_closed(clean.get(VICTIM_FIELD[m]), reading[m], chance[m]) for m in METRICS}
     defined = [v for v in out.values() if v is not None]
     out["headline"] = min(defined) if defined else None

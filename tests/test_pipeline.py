@@ -71,6 +71,22 @@ def test_results_follow_schema_and_report_exists(finished_run):
     assert "protection (medmnist victim)" in run.report.read_text() and (run.root / "victims.png").is_file()
 
 
+def test_the_turning_attackers_reading_is_kept_where_the_protocol_picks_an_epoch(finished_run):
+    """medmnist victims carry the turned-over reading of the epoch farthest from chance (one
+    epoch here: the kept one, its test AUC turned as its validation AUC says); ue victims,
+    reported at their last epoch, do not."""
+    _, run = finished_run
+    doc = json.loads(run.results.read_text())
+    for name, victim in doc["protocols"]["medmnist"].items():
+        if name == "defenses":
+            continue
+        assert victim["turned_epoch"] == victim["best_epoch"] == 1
+        turned = victim["test_auc"] if victim["turned_val_auc"] >= 0.5 else 1 - victim["test_auc"]
+        assert victim["turned_test_auc"] == pytest.approx(turned)
+        assert victim["turned_recalibrated_acc"] == victim["recalibrated_acc"]
+    assert not any("turned_epoch" in v for k, v in doc["protocols"]["ue"].items() if k != "defenses")
+
+
 def test_rerun_skips_completed_stages(finished_run, capsys):
     cfg, run = finished_run
     before = run.results.stat().st_mtime_ns

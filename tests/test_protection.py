@@ -27,6 +27,22 @@ def test_reversed_ranking_is_read_as_the_ranking_it_hides():
     assert protection_figures(victim(0.9, 0.9, 0.9), victim(0.7, 0.5, 0.7), 0.7)["auc"] == 1.0
 
 
+def test_turning_attackers_epoch_counts_where_it_reads_higher():
+    """A medmnist victim kept at a near-chance epoch (AUC 0.55) whose other epoch ranks the
+    classes the wrong way round (turned over: 0.72) is read at 0.72, and its re-fit there too."""
+    clean = victim(0.86, 0.88, 0.84)
+    kept = victim(0.731, 0.55, 0.735)
+    turned = {**kept, "turned_test_auc": 0.72, "turned_recalibrated_acc": 0.80}
+    plain = protection_figures(clean, kept, chance_acc=0.731)
+    figs = protection_figures(clean, turned, chance_acc=0.731)
+    assert plain["auc"] == pytest.approx((0.88 - 0.55) / (0.88 - 0.5))
+    assert figs["auc"] == pytest.approx((0.88 - 0.72) / (0.88 - 0.5))
+    assert figs["recalibrated_acc"] == pytest.approx((0.84 - 0.80) / (0.84 - 0.731))
+    assert figs["headline"] == pytest.approx(figs["recalibrated_acc"])
+    lower = {**kept, "turned_test_auc": 0.52, "turned_recalibrated_acc": 0.70}  # never read lower
+    assert protection_figures(clean, lower, chance_acc=0.731) == plain
+
+
 def test_binary_victim_that_answers_one_class():
     """The issue's binary set: ACC below the majority rate, AUC and the re-fit still high."""
     figs = protection_figures(victim(0.862, 0.959, 0.85), victim(0.375, 0.780, 0.80), chance_acc=0.625)
