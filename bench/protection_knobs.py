@@ -34,8 +34,8 @@ import numpy as np
 
 SEED_FILES = ("surrogate.pt", "surrogate.json", "clusters.npz")
 VENV_BIN = Path(sys.executable).parent
-FIGURES = ("clean_acc", "clean_auc", "clean_recal", "acc", "auc", "recal", "share_acc", "share_auc",
-           "share_recal", "headline", "psnr_db", "ssim", "untrained_recal", "protect_s")
+FIGURES = ("clean_acc", "clean_auc", "clean_recal", "acc", "auc", "recal", "turned_auc", "turned_recal",
+           "share_acc", "share_auc", "share_recal", "headline", "psnr_db", "ssim", "untrained_recal", "protect_s")
 
 
 def mpirun(ranks: int, *args: str) -> None:
@@ -95,6 +95,7 @@ def rows_of(variant: str, seed: int, r: dict) -> list[dict]:
         for victim, m, f in victims:
             rows.append({"variant": variant, "seed": seed, "protocol": protocol, "victim": victim, **clean,
                          "acc": m["test_acc"], "auc": m["test_auc"], "recal": m["recalibrated_acc"],
+                         "turned_auc": m.get("turned_test_auc"), "turned_recal": m.get("turned_recalibrated_acc"),
                          "share_acc": f["acc"], "share_auc": f["auc"], "share_recal": f["recalibrated_acc"],
                          "headline": f["headline"], **run})
     return rows
@@ -103,7 +104,7 @@ def rows_of(variant: str, seed: int, r: dict) -> list[dict]:
 def summary(rows: list[dict]) -> str:
     """Mean ± sd over seeds per (variant, protocol, victim), variants in the order first seen."""
     head = ("| variant | protocol | victim | seeds | clean ACC / AUC / recal | test ACC | test AUC | "
-            "recal ACC | share ACC / AUC / recal | **headline** | PSNR dB / SSIM | untrained recal | "
+            "recal ACC | turning attacker AUC / recal | share ACC / AUC / recal | **headline** | PSNR dB / SSIM | untrained recal | "
             "train+export s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -124,7 +125,7 @@ def summary(rows: list[dict]) -> str:
         lines.append(
             f"| {variant} | {protocol} | {victim} | {len(mine)} | {ms(col['clean_acc'], 2)} / {ms(col['clean_auc'], 2)} / "
             f"{ms(col['clean_recal'], 2)} | {ms(col['acc'])} | {ms(col['auc'])} | {ms(col['recal'])} | "
-            f"{ms(col['share_acc'], 2)} / {ms(col['share_auc'], 2)} / {ms(col['share_recal'], 2)} | "
+            f"{ms(col['turned_auc'])} / {ms(col['turned_recal'])} | {ms(col['share_acc'], 2)} / {ms(col['share_auc'], 2)} / {ms(col['share_recal'], 2)} | "
             f"**{ms(col['headline'])}** | {ms(col['psnr_db'], 1)} / {ms(col['ssim'], 2)} | "
             f"{ms(col['untrained_recal'])} | {ms(col['protect_s'], 0)} |")
     return "\n".join(lines) + "\n"

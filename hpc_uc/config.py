@@ -86,7 +86,8 @@ DEFAULTS: dict[str, Any] = {
         "objective": "min",       # min: noise that lowers the loss of its true class, for a model
                                   # trained on x + delta (the paper's) | targeted: noise toward the
                                   # next class (y + 1 mod classes), for a model trained on clean
-                                  # images (adversarial poisoning, Fowl et al. 2021; one class per image)
+                                  # images (adversarial poisoning, Fowl et al. 2021; one class per image;
+                                  # stop_accuracy then counts x + delta taken for the next class)
         "augment": True,          # the ue victim's crop + flip inside both steps (expectation):
                                   # deeper on BreastMNIST, both protocols; digits: nothing protects
                                   # (docs/efficacy.md)

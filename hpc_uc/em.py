@@ -185,6 +185,8 @@ def noise_targets(labels: torch.Tensor, num_classes: int, objective: str) -> tor
     """The labels δ lowers the loss of: each image's own (``min``) or the next class,
     y + 1 mod ``num_classes`` (``targeted``; single-label N x 1 labels)."""
     if objective == "targeted":
+        if labels.shape[1] != 1:
+            raise UserError("em.objective=targeted needs one class per image")
         return (labels + 1) % num_classes
     return labels
 

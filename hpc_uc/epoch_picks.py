@@ -28,8 +28,9 @@ class EpochPicks:
         if score > self.best["score"]:
             self.best.update(score=score, val_acc=scores["acc"], val_auc=scores["auc"], state=state(),
                              epoch=epoch)
-        if self.turning and scores["auc"] is not None and ranking_auc(scores["auc"]) > self.turned["score"]:
-            self.turned.update(score=ranking_auc(scores["auc"]), val_auc=scores["auc"],
+        ranking = ranking_auc(scores["auc"])
+        if self.turning and ranking is not None and ranking > self.turned["score"]:
+            self.turned.update(score=ranking, val_auc=scores["auc"],
                                state=self.best["state"] if self.best["epoch"] == epoch else state(),
                                epoch=epoch)
 

@@ -121,7 +121,8 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, s
                    log: MetricsLog, defense_name: str | None = None) -> dict:
     """Train one victim under ``protocol`` on ``train_dir``'s train split; return its figures on
     the clean test split (rank 0; an empty dict elsewhere). ``history`` holds the per-epoch
-    clean validation ACC/AUC."""
+    clean validation ACC/AUC; ``turned_*`` (protocols that keep an epoch) the turning attacker's
+    epoch and figures (hpc_uc/epoch_picks.py)."""
     v, s = cfg["victim"], protocol_settings(cfg, protocol)
     per_rank = check_world(cfg, comm.size, "victim.batch_size")
     train = ShardedDataset(train_dir, "train", comm, seed=cfg["seed"], cache=cfg["cache"])
@@ -168,11 +169,12 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, s
         if best["state"] is not None:
             model.load_state_dict(best["state"])
     out = measure(cfg, model, splits, comm)
-    if turned["state"] is not None:
+    if turned["state"] is not None:  # the turning attacker's epoch (the same on every rank)
+        at_turned = out
         if turned["epoch"] != final_epoch:
             model.load_state_dict(turned["state"])
-        extra.update(turned_reading(turned, out if turned["epoch"] == final_epoch
-                                    else measure(cfg, model, splits, comm)))
+            at_turned = measure(cfg, model, splits, comm)
+        extra.update(turned_reading(turned, at_turned))
     if not comm.is_root:
         return {}
     out.update(best_epoch=best["epoch"], reported_epoch=final_epoch, epochs=s["epochs"],

@@ -132,6 +132,12 @@ def render(doc: dict) -> str:
         named += [(f"protected + {n}", d) for n, d in victims["defenses"].items()]
         lines += [f"| {protocol} | {n} | {_fmt(v['test_acc'])} | {_fmt(v['test_auc'])} | "
                   f"{_fmt(v['recalibrated_acc'])} | {v['reported_epoch']}/{v['epochs']} |" for n, v in named]
+    lines += [f"- {protocol} {n}: the turning attacker keeps epoch {v['turned_epoch']} (validation AUC "
+              f"{_fmt(v['turned_val_auc'])}) and reads test AUC {_fmt(v['turned_test_auc'])}"
+              + (" turned over" if v["turned_val_auc"] < 0.5 else "")
+              + f", recalibrated ACC {_fmt(v['turned_recalibrated_acc'])}"
+              for protocol, victims in doc["protocols"].items() for n, v in victims.items()
+              if n == "protected" and v.get("turned_epoch") not in (None, v["reported_epoch"])]
     lines += [
         "",
         f"- chance: majority rate of the test split {_fmt(doc['chance_acc'])} (ACC), 0.5 (AUC)",

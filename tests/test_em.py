@@ -240,3 +240,5 @@ def test_noise_targets_are_the_own_class_or_the_next_one():
     assert torch.equal(noise_targets(labels, 5, "min"), labels)
     assert torch.equal(noise_targets(labels, 5, "targeted"), torch.tensor([[1], [2], [3], [0]]))
     assert torch.equal(noise_targets(torch.tensor([[0], [1]]), 2, "targeted"), torch.tensor([[1], [0]]))
+    with pytest.raises(UserError, match="one class per image"):
+        noise_targets(torch.tensor([[0, 1], [1, 1]]), 2, "targeted")

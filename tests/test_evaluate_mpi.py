@@ -54,3 +54,45 @@ def test_two_ranks_measure_like_one(comm, digits_shared):
     for key in got:
         assert got[key] == pytest.approx(want[key], abs=2e-3), key
     assert got["recalibrated_acc"] > 0.3  # 100 clean images re-fit an untrained net's features
+
+
+def test_turned_epoch_is_measured_on_its_own_state(comm, digits_shared, monkeypatch):
+    """medmnist victim, 2 epochs, validation AUC scripted to 0.6 then 0.2: epoch 1 is kept,
+    epoch 2 is the turning attacker's; its own weights are measured (on every rank, a
+    collective) and its test AUC turned over."""
+    from hpc_uc import evaluate
+    from hpc_uc.training import MetricsLog
+
+    scripted, marks, measured = {1: 0.6, 2: 0.2}, [], []
+    real_predict, real_metrics, real_measure = evaluate.predict, evaluate.medmnist_metrics, evaluate.measure
+
+    def fingerprint(model) -> float:
+        return float(sum(p.double().sum() for p in model.parameters()))
+
+    def predict(model, ds, comm_):
+        if isinstance(model, evaluate._LogitsAndFeatures):  # measure's, unscripted
+            return real_predict(model, ds, comm_)
+        marks.append(fingerprint(model))  # the end of an epoch: its validation figures
+        return ("epoch", len(marks)), None
+
+    def metrics(task, labels, scores):
+        if isinstance(scores, tuple):
+            return {"acc": 0.5, "auc": scripted[scores[1]]}
+        return real_metrics(task, labels, scores)
+
+    def measure(cfg_, model, splits_, comm_):
+        measured.append((fingerprint(model), real_measure(cfg_, model, splits_, comm_)))
+        return measured[-1][1]
+
+    monkeypatch.setattr(evaluate, "predict", predict)
+    monkeypatch.setattr(evaluate, "medmnist_metrics", metrics)
+    monkeypatch.setattr(evaluate, "measure", measure)
+    cfg = load_config(None, [f"data_dir={digits_shared}", "victim.stem=standard", "cache=never", "victim.epochs=2"])
+    splits = Splits(cfg, comm)
+    log = MetricsLog(digits_shared.parent / "metrics.jsonl", comm, "evaluate")
+    out = evaluate.train_and_test(cfg, comm, digits_shared, "protected", "medmnist", splits, log)
+    assert [m[0] for m in measured] == marks  # epoch 1's weights, then epoch 2's
+    if comm.is_root:
+        assert (out["best_epoch"], out["turned_epoch"], out["turned_val_auc"]) == (1, 2, 0.2)
+        assert out["turned_test_auc"] == pytest.approx(1 - measured[1][1]["test_auc"])
+        assert out["turned_recalibrated_acc"] == measured[1][1]["recalibrated_acc"]

@@ -91,3 +91,17 @@ def test_the_run_line_names_only_what_the_method_used():
     assert "method em" in text and "K = " not in text and "surrogate val acc" not in text
     text = render({**DOC, "method": "classwise"})  # the surrogate runs, for the report
     assert "K = " not in text and "surrogate val acc 0.900" in text
+
+
+def test_the_turning_attackers_epoch_is_named_when_it_differs_from_the_kept_one():
+    doc = copy.deepcopy(DOC)
+    validate_results(doc)
+    assert "turning attacker" not in render(doc)
+    doc["protocols"]["medmnist"]["protected"].update(turned_epoch=4, turned_val_auc=0.28, turned_test_auc=0.71,
+                                                     turned_recalibrated_acc=0.79)
+    validate_results(doc)
+    text = render(doc)
+    assert ("- medmnist protected: the turning attacker keeps epoch 4 (validation AUC 0.280) and reads "
+            "test AUC 0.710 turned over, recalibrated ACC 0.790") in text
+    doc["protocols"]["medmnist"]["protected"]["turned_epoch"] = 10  # the kept epoch: nothing to add
+    assert "turning attacker" not in render(doc)
