@@ -211,28 +211,17 @@ def test_classwise_start_is_each_class_pattern_within_budget(norm, epsilon):
         assert np.sqrt((delta ** 2).sum(axis=(1, 2, 3))).max() <= epsilon + 1e-9
 
 
-def test_classwise_start_refuses_multilabel_data(tmp_path, monkeypatch):
+@pytest.mark.parametrize("key, value, default", [("init", "classwise", "uniform"), ("objective", "targeted", "min")])
+def test_single_label_em_settings_refuse_multilabel_data(key, value, default, tmp_path, monkeypatch):
     from hpc_uc import pipeline
 
     split = {"count": 10}
     monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
         "task": "multi-label, binary-class", "image_size": 28, "splits": {"train": split, "test": split}})
-    cfg = load_config(None, ["method=em", "em.init=classwise", f"data_dir={tmp_path}"])
-    with pytest.raises(UserError, match="em.init=classwise needs one class per image"):
+    cfg = load_config(None, ["method=em", f"em.{key}={value}", f"data_dir={tmp_path}"])
+    with pytest.raises(UserError, match=f"em.{key}={value} needs one class per image"):
         pipeline.check_data(cfg)
-    pipeline.check_data({**cfg, "em": {**cfg["em"], "init": "uniform"}})  # the default takes it
-
-
-def test_targeted_objective_refuses_multilabel_data(tmp_path, monkeypatch):
-    from hpc_uc import pipeline
-
-    split = {"count": 10}
-    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
-        "task": "multi-label, binary-class", "image_size": 28, "splits": {"train": split, "test": split}})
-    cfg = load_config(None, ["method=em", "em.objective=targeted", f"data_dir={tmp_path}"])
-    with pytest.raises(UserError, match="em.objective=targeted needs one class per image"):
-        pipeline.check_data(cfg)
-    pipeline.check_data({**cfg, "em": {**cfg["em"], "objective": "min"}})  # the default takes it
+    pipeline.check_data({**cfg, "em": {**cfg["em"], key: default}})  # the default takes it
 
 
 def test_noise_targets_are_the_own_class_or_the_next_one():
