@@ -155,25 +155,23 @@ def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, s
                      batch_per_rank=per_rank, task=manifest["task"], milestones=s["milestones"],
                      on_epoch=on_epoch, defense=defense, seed=cfg["seed"], optimizer=s["optimizer"],
                      momentum=s["momentum"], augment=s["augment"], micro_batch=cfg["victim"]["micro_batch"])
-    extra = {}
-    if s["final"]:
-        final_epoch = s["epochs"]
-        if best["state"] is not None:  # the best-validation epoch's test figures, for reference
-            final_state = copy.deepcopy(model.state_dict())
-            model.load_state_dict(best["state"])
-            at_best = measure(cfg, model, splits, comm)
-            extra = {"best_val_test_acc": at_best.get("test_acc"), "best_val_test_auc": at_best.get("test_auc")}
-            model.load_state_dict(final_state)
+    if not s["final"] and best["state"] is not None:  # medmnist: the best-validation epoch
+        final_epoch = best["epoch"]
+        model.load_state_dict(best["state"])
     else:
-        final_epoch = best["epoch"] if best["state"] is not None else s["epochs"]
-        if best["state"] is not None:
-            model.load_state_dict(best["state"])
+        final_epoch = s["epochs"]
     out = measure(cfg, model, splits, comm)
+
+    def measure_at(state: dict) -> dict:
+        model.load_state_dict(state)
+        return measure(cfg, model, splits, comm)
+
+    extra = {}
+    if s["final"] and best["state"] is not None:  # ue: the best-validation epoch, for reference
+        at_best = measure_at(best["state"])
+        extra = {"best_val_test_acc": at_best.get("test_acc"), "best_val_test_auc": at_best.get("test_auc")}
     if turned["state"] is not None:  # the turning attacker's epoch (the same on every rank)
-        at_turned = out
-        if turned["epoch"] != final_epoch:
-            model.load_state_dict(turned["state"])
-            at_turned = measure(cfg, model, splits, comm)
+        at_turned = out if turned["epoch"] == final_epoch else measure_at(turned["state"])
         extra.update(turned_reading(turned, at_turned))
     if not comm.is_root:
         return {}

@@ -122,22 +122,21 @@ def _check_train(cfg: dict, manifest: dict) -> None:
                         f"{Path(cfg['data_dir'])} is {manifest['task']}")
 
 
+SINGLE_LABEL_EM = {"objective": ("targeted", "min"), "init": ("classwise", "uniform")}  # key: (value, default)
+
+
 def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
-    """em.patch against the images, em.objective=targeted against multi-label data, and
-    em.init=classwise against block-wise noise and multi-label data."""
+    """em.patch against the images, em.init=classwise against block-wise noise, and the
+    single-label settings (SINGLE_LABEL_EM) against multi-label data."""
     patch, size = em["patch"], manifest["image_size"]
     if patch > size:
         raise UserError(f"em.patch={patch} is larger than the {size}-px images")
-    if em["objective"] == "targeted" and is_multilabel(manifest["task"]):
-        raise UserError(f"em.objective=targeted needs one class per image; "
-                        f"{Path(data_dir)} is {manifest['task']} (use em.objective=min)")
-    if em["init"] != "classwise":
-        return
-    if patch > 1:
+    if em["init"] == "classwise" and patch > 1:
         raise UserError(f"em.patch={patch} needs em.init=uniform (the classwise start is per pixel)")
-    if is_multilabel(manifest["task"]):
-        raise UserError(f"em.init=classwise needs one class per image; "
-                        f"{Path(data_dir)} is {manifest['task']} (use em.init=uniform)")
+    for key, (value, default) in SINGLE_LABEL_EM.items():
+        if em[key] == value and is_multilabel(manifest["task"]):
+            raise UserError(f"em.{key}={value} needs one class per image; "
+                            f"{Path(data_dir)} is {manifest['task']} (use em.{key}={default})")
 
 
 def _check_evaluate(cfg: dict, manifest: dict) -> None:
