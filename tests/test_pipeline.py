@@ -289,13 +289,32 @@ def test_em_patch_noise_starts_in_blocks_and_rejects_a_patch_beyond_the_image(fi
     assert not (tmp_path / "refused").exists()
 
 
+def run_em_train_stage(finished_run, where, *overrides: str) -> None:
+    """The em train stage alone, on a copy of the finished run, at tiny settings plus ``overrides``."""
+    import shutil
+
+    from hpc_uc.pipeline import run_stage
+
+    cfg, run = finished_run
+    shutil.copytree(run.root, where)
+    other = tiny_config(cfg["data_dir"], where, "method=em", "em.pgd_steps=1", *overrides)
+    comm, moved = start(other)
+    run_stage("train", other, comm, moved)
+
+
+def pixel_bytes(images) -> list[bytes]:
+    """Each image of an N x C x H x W [0, 1] tensor as the bytes of its uint8 H x W x C pixels."""
+    import torch
+
+    pixels = (images.detach().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [p.tobytes() for p in pixels]
+
+
 def test_em_rounds_use_the_patch_and_the_optimizer_asked_for(finished_run, tmp_path, monkeypatch):
     """The em rounds pass em.patch to every noise step and train with em.optimizer's optimiser."""
     import inspect
-    import shutil
 
     from hpc_uc import em
-    from hpc_uc.pipeline import run_stage
 
     seen = {"patch": set(), "optimizer": []}
     steps, build = em.minimise_noise, em.noise_model_optimizer
@@ -313,12 +332,8 @@ def test_em_rounds_use_the_patch_and_the_optimizer_asked_for(finished_run, tmp_p
 
     monkeypatch.setattr(em, "minimise_noise", noise_steps)
     monkeypatch.setattr(em, "noise_model_optimizer", optimizer)
-    cfg, run = finished_run
-    shutil.copytree(run.root, tmp_path / "wired")
-    other = tiny_config(cfg["data_dir"], tmp_path / "wired", "method=em", "em.rounds=1", "em.train_steps=1",
-                        "em.pgd_steps=1", "em.patch=2", "em.optimizer=adam")
-    comm, moved = start(other)
-    run_stage("train", other, comm, moved)
+    run_em_train_stage(finished_run, tmp_path / "wired", "em.rounds=1", "em.train_steps=1", "em.patch=2",
+                       "em.optimizer=adam")
     assert seen == {"patch": {2}, "optimizer": ["Adam"]}
 
 
@@ -328,14 +343,10 @@ def test_em_objective_picks_what_the_model_learns_and_where_the_noise_points(obj
     """em.objective=min: the model trains on x + δ and δ lowers the loss of each image's own
     class; targeted: the model trains on the clean images and δ points at the next class."""
     import inspect
-    import shutil
-
-    import torch
 
     from hpc_uc import em
-    from hpc_uc.pipeline import run_stage
 
-    cfg, run = finished_run
+    cfg, _ = finished_run
     images, labels, _ = read_whole_split(cfg["data_dir"], "train")
     label_of = {im.tobytes(): int(lab[0]) for im, lab in zip(images, labels)}
     classes = int(labels.max()) + 1
@@ -344,8 +355,7 @@ def test_em_objective_picks_what_the_model_learns_and_where_the_noise_points(obj
 
     def noise_steps(*args, **kwargs):
         call = inspect.signature(steps).bind(*args, **kwargs).arguments
-        pixels = (call["x"].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        own = np.array([label_of[p.tobytes()] for p in pixels])
+        own = np.array([label_of[p] for p in pixel_bytes(call["x"])])
         seen["targets_next"].append(bool(np.array_equal(call["labels"][:, 0].cpu().numpy(), (own + 1) % classes)))
         return steps(*args, **kwargs)
 
@@ -354,18 +364,14 @@ def test_em_objective_picks_what_the_model_learns_and_where_the_noise_points(obj
 
         def record(module, inputs):
             if module.training:
-                pixels = (inputs[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-                seen["clean_batches"].append(all(p.tobytes() in label_of for p in pixels))
+                seen["clean_batches"].append(all(p in label_of for p in pixel_bytes(inputs[0])))
         net.register_forward_pre_hook(record)
         return net
 
     monkeypatch.setattr(em, "minimise_noise", noise_steps)
     monkeypatch.setattr(em, "victim_model", model)
-    shutil.copytree(run.root, tmp_path / "wired")
-    other = tiny_config(cfg["data_dir"], tmp_path / "wired", "method=em", "em.rounds=2", "em.train_steps=2",
-                        "em.pgd_steps=1", "em.augment=false", "em.stop_accuracy=1", f"em.objective={objective}")
-    comm, moved = start(other)
-    run_stage("train", other, comm, moved)
+    run_em_train_stage(finished_run, tmp_path / "wired", "em.rounds=2", "em.train_steps=2", "em.augment=false",
+                       "em.stop_accuracy=1", f"em.objective={objective}")
     targeted = objective == "targeted"
     assert seen["clean_batches"] and set(seen["clean_batches"]) == {targeted}
     assert seen["targets_next"] and set(seen["targets_next"]) == {targeted}
