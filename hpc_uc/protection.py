@@ -36,14 +36,21 @@ def ranking_auc(auc: float | None) -> float | None:
     return None if auc is None else AUC_CHANCE + abs(auc - AUC_CHANCE)
 
 
+def attacker_reading(victim: dict) -> dict[str, float | None]:
+    """What the attacker reads from a victim: {"acc", "auc", "recalibrated_acc"}, the AUC as
+    ranked (``ranking_auc``), the AUC and re-fit the higher of the kept and the turned epoch's."""
+    reading = {m: victim.get(VICTIM_FIELD[m]) for m in METRICS}
+    reading["auc"] = ranking_auc(reading["auc"])
+    for m, field in TURNED_FIELD.items():  # the turning attacker's epoch, where it reads higher
+        if victim.get(field) is not None:
+            reading[m] = victim[field] if reading[m] is None else max(reading[m], victim[field])
+    return reading
+
+
 def protection_figures(clean: dict, protected: dict, chance_acc: float) -> dict[str, float | None]:
     """{"acc", "auc", "recalibrated_acc", "headline"} for one victim protocol."""
     chance = {"acc": chance_acc, "auc": AUC_CHANCE, "recalibrated_acc": chance_acc}
-    reading = {m: protected.get(VICTIM_FIELD[m]) for m in METRICS}
-    reading["auc"] = ranking_auc(reading["auc"])
-    for m, field in TURNED_FIELD.items():  # the turning attacker's epoch, where it reads higher
-        if protected.get(field) is not None:
-            reading[m] = protected[field] if reading[m] is None else max(reading[m], protected[field])
+    reading = attacker_reading(protected)
     out = {m: gap_closed(clean.get(VICTIM_FIELD[m]), reading[m], chance[m]) for m in METRICS}
     defined = [v for v in out.values() if v is not None]
     out["headline"] = min(defined) if defined else None

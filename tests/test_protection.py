@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpc_uc.protection import gap_closed, protection_figures, shallow
+from hpc_uc.protection import attacker_reading, gap_closed, protection_figures, shallow
 
 
 def victim(acc, auc, recal):
@@ -41,6 +41,15 @@ def test_turning_attackers_epoch_counts_where_it_reads_higher():
     assert figs["headline"] == pytest.approx(figs["recalibrated_acc"])
     lower = {**kept, "turned_test_auc": 0.52, "turned_recalibrated_acc": 0.70}  # never read lower
     assert protection_figures(clean, lower, chance_acc=0.731) == plain
+
+
+def test_attacker_reading_is_what_the_shares_are_taken_of():
+    """The raw figures an attacker reads (bench/reading_floor.py reads victims with it): the
+    AUC as ranked, the turning attacker's epoch where it reads higher, the accuracy as is."""
+    kept = {**victim(0.731, 0.40, 0.735), "turned_test_auc": 0.58, "turned_recalibrated_acc": 0.70}
+    assert attacker_reading(kept) == pytest.approx({"acc": 0.731, "auc": 0.60, "recalibrated_acc": 0.735})
+    assert attacker_reading(victim(0.7, None, None)) == {"acc": 0.7, "auc": None, "recalibrated_acc": None}
+    assert attacker_reading({**victim(0.7, None, None), "turned_test_auc": 0.62})["auc"] == 0.62
 
 
 def test_binary_victim_that_answers_one_class():
