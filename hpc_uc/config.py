@@ -106,7 +106,8 @@ DEFAULTS: dict[str, Any] = {
     "refine": {                   # per-sample refinement of the cluster delta at export
         "steps": 0,               # projected signed-gradient steps of UC's loss per image (0: off)
         "step_size": 0.25,        # per step, as a fraction of epsilon
-    },
+        "objective": "uc",        # uc: UC's own loss (KL to the cluster's target); targeted: the
+    },                            # surrogate's loss of the next class, y + 1 (single-label sets)
     "victim": {                   # MedMNIST v2's protocol by default
         "arch": "resnet18",
         "stem": "auto",           # auto (small for <= 64 px) | small | standard
@@ -161,6 +162,7 @@ CHOICES = {
     "em.init": ("uniform", "classwise"),
     "em.optimizer": ("sgd", "adam"),
     "em.objective": ("min", "targeted"),
+    "refine.objective": ("uc", "targeted"),
     "victim.stem": ("auto", "small", "standard"),
     "victim.select": ("auc", "acc"),
     "victim.input_norm": ("medmnist", "imagenet"),
@@ -335,6 +337,8 @@ def validate(cfg: dict) -> None:
         raise UserError(f"tile repeats a uc or classwise perturbation; set it to 0 for method={cfg['method']}")
     if cfg["method"] != "uc" and cfg["refine"]["steps"] > 0:
         raise UserError(f"refine.steps refines UC's cluster perturbations; set it to 0 for method={cfg['method']}")
+    if cfg["refine"]["objective"] != "uc" and cfg["refine"]["steps"] == 0:
+        raise UserError(f"refine.objective={cfg['refine']['objective']} needs refine.steps > 0 (0 refines nothing)")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

@@ -123,18 +123,19 @@ def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: in
         clusters = labels[:, 0] if cluster_of is None else cluster_of[index]
         delta = delta_of(clusters, index)
         if refine_step is not None:
-            delta = refine_step(images, delta, clusters)
+            delta = refine_step(images, delta, clusters, labels)
         return protect(images, delta, cfg["epsilon"], cfg["norm"], cfg["generator"]["boundary"])
 
     return perturb
 
 
 def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
-    """Per-sample refinement of perturbations (hpc_uc.refine), as ``(images, delta, clusters) -> delta``."""
+    """Per-sample refinement of perturbations (hpc_uc.refine), as
+    ``(images, delta, clusters, labels) -> delta``, lowering ``refine.objective``'s loss."""
     import torch
     import torch.nn.functional as F
 
-    from .refine import refine
+    from .refine import cluster_target_loss, next_class_loss, refine
     from .surrogate import load_frozen_surrogate
 
     surrogate = load_frozen_surrogate(cfg, run, manifest, comm.device)
@@ -143,9 +144,13 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
     targets = torch.from_numpy(load_targets(run.perturbations))
     probs = F.softmax(centroids[targets], dim=1).to(comm.device)
     r = cfg["refine"]
-    return lambda images, delta, clusters: refine(
-        surrogate, images, delta, probs, clusters, cfg["epsilon"], cfg["norm"], r["steps"], r["step_size"],
-        comm.device, boundary=cfg["generator"]["boundary"])
+
+    def refine_chunk(images: np.ndarray, delta: np.ndarray, clusters: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        loss = (next_class_loss(labels, manifest["num_classes"]) if r["objective"] == "targeted"
+                else cluster_target_loss(probs, clusters))
+        return refine(surrogate, images, delta, loss, cfg["epsilon"], cfg["norm"], r["steps"], r["step_size"],
+                      comm.device, boundary=cfg["generator"]["boundary"])
+    return refine_chunk
 
 
 def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
@@ -155,6 +160,7 @@ def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
             "clusters": cfg["clusters"], "target": cfg["generator"]["target"],
             "augment": cfg["generator"]["augment"],
             "boundary": cfg["generator"]["boundary"], "refine_steps": cfg["refine"]["steps"],
+            "refine_objective": cfg["refine"]["objective"],
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

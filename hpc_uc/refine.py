@@ -1,19 +1,45 @@
 """Per-sample refinement of the cluster perturbation (`refine.steps` > 0, at export).
 
-Starting from delta_k of the image's cluster, a few projected signed-gradient steps lower the
-same loss UC trains its generators on -- KL(softmax(centroid_t(k)) || softmax(f(x + delta)))
-through the frozen surrogate -- for each image alone, then project back into the budget
-(|delta| <= epsilon for linf, ||delta||_2 <= epsilon for l2). Each
-image's result depends only on that image, its cluster's delta and the surrogate, so it is
-the same on any number of ranks.
+Starting from delta_k of the image's cluster, a few projected signed-gradient steps lower a
+per-image loss through the frozen surrogate, then project back into the budget (|delta| <=
+epsilon for linf, ||delta||_2 <= epsilon for l2). The loss (`refine.objective`) is either the
+one UC trains its generators on -- KL(softmax(centroid_t(k)) || softmax(f(x + delta))) -- or
+the surrogate's cross-entropy of the *next* class, y + 1 mod classes: adversarial poisoning
+(Fowl et al., NeurIPS 2021) on top of the cluster perturbation, with the surrogate UC already
+trained on the clean images as the attacked model. Each image's result depends only on that
+image, its label or cluster, its cluster's delta and the surrogate, so it is the same on any
+number of ranks.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .generator import add_perturbation, kl_to_target
+
+# (logits, features, rows) -> each image's loss; rows: the chunk's slice the batch came from
+ImageLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+
+
+def cluster_target_loss(target_probs: torch.Tensor, clusters: np.ndarray) -> ImageLoss:
+    """UC's loss: KL from row ``clusters[i]`` of ``target_probs`` to the surrogate's features."""
+    def loss(logits: torch.Tensor, feats: torch.Tensor, rows: slice) -> torch.Tensor:
+        return kl_to_target(feats, target_probs[torch.from_numpy(clusters[rows]).to(feats.device)])
+    return loss
+
+
+def next_class_loss(labels: np.ndarray, num_classes: int) -> ImageLoss:
+    """Adversarial poisoning's loss: the surrogate's cross-entropy of class y + 1 mod classes
+    (``labels`` N x 1, one class per image)."""
+    targets = torch.from_numpy((np.asarray(labels)[:, 0] + 1) % num_classes).long()
+
+    def loss(logits: torch.Tensor, feats: torch.Tensor, rows: slice) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets[rows].to(logits.device), reduction="none")
+    return loss
 
 
 def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
@@ -24,25 +50,26 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
     return delta * (epsilon / size).clamp(max=1.0)
 
 
-def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, target_probs: torch.Tensor,
-           clusters: np.ndarray, epsilon: float, norm: str, steps: int, step_size: float,
+def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, image_loss: ImageLoss,
+           epsilon: float, norm: str, steps: int, step_size: float,
            device: torch.device, batch: int = 256, boundary: str = "clip") -> np.ndarray:
     """Refined N x H x W x C perturbations for uint8 N x H x W x C ``images``.
 
-    ``delta`` holds each image's cluster perturbation (N x H x W x C), ``target_probs`` row k
-    the target distribution of cluster k, ``step_size`` a fraction of epsilon per step. The
-    result is the delta itself (within the ball); export adds it under ``boundary``.
+    ``delta`` holds each image's cluster perturbation (N x H x W x C), ``image_loss`` the loss
+    each step lowers (:func:`cluster_target_loss`, :func:`next_class_loss`), ``step_size`` a
+    fraction of epsilon per step. The result is the delta itself (within the ball); export adds
+    it under ``boundary``.
     """
     out = np.empty_like(delta, dtype=np.float32)
     for lo in range(0, len(images), batch):
         x = torch.from_numpy(images[lo:lo + batch]).to(device).permute(0, 3, 1, 2).float() / 255.0
         d = torch.from_numpy(np.ascontiguousarray(delta[lo:lo + batch])).to(device).permute(0, 3, 1, 2).float()
-        target = target_probs[torch.from_numpy(clusters[lo:lo + batch]).to(device)]
+        rows = slice(lo, lo + len(x))
         d = project(d, epsilon, norm)
         for _ in range(steps):
             d.requires_grad_(True)
-            _, feats = surrogate(add_perturbation(x, d, boundary))
-            grad, = torch.autograd.grad(kl_to_target(feats, target).sum(), d)
+            logits, feats = surrogate(add_perturbation(x, d, boundary))
+            grad, = torch.autograd.grad(image_loss(logits, feats, rows).sum(), d)
             with torch.no_grad():
                 if norm == "linf":
                     step = grad.sign() * (step_size * epsilon)

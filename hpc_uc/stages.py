@@ -139,6 +139,13 @@ def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
                             f"{Path(data_dir)} is {manifest['task']} (use em.{key}={default})")
 
 
+def _check_export(cfg: dict, manifest: dict) -> None:
+    """refine.objective=targeted aims each image at the next class: one class per image."""
+    if cfg["refine"]["objective"] == "targeted" and is_multilabel(manifest["task"]):
+        raise UserError(f"refine.objective=targeted needs one class per image; "
+                        f"{Path(cfg['data_dir'])} is {manifest['task']} (use refine.objective=uc)")
+
+
 def _check_evaluate(cfg: dict, manifest: dict) -> None:
     """A misspelled defense fails now, not after the victims trained."""
     from .defenses import build_defense
@@ -159,7 +166,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("method", "epsilon", "norm"),
           ("perturbations.h5", "generators/generators.pt"), _run_train, _check_train),
     Stage("export", "write the protected dataset (shards + protected.npz)",
-          ("refine", "export"), ("protected/manifest.json", "protected.npz"), _run_export),
+          ("refine", "export"), ("protected/manifest.json", "protected.npz"), _run_export, _check_export),
     Stage("evaluate", "train victims on clean and protected data; write results.json",
           ("victim", "defenses", "defense", "evaluate"), ("results.json",), _run_evaluate, _check_evaluate),
 )}

@@ -391,3 +391,34 @@ def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
     chunked, _, chunked_index = read_whole_split(moved.protected, "train")
     assert np.array_equal(whole_index, chunked_index) and np.array_equal(whole, chunked)
     assert len(verify(moved.protected)["splits"]["train"]["shards"]) == -(-len(whole) // 50)
+
+
+def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finished_run, tmp_path):
+    """refine.objective=targeted: the export refines each image toward the surrogate's next
+    class (its loss of y + 1 falls against the unrefined export) and records the objective."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+
+    from hpc_uc.pipeline import run_stage
+    from hpc_uc.shards import read_manifest
+    from hpc_uc.surrogate import load_frozen_surrogate
+
+    cfg, run = finished_run
+    shutil.copytree(run.root, tmp_path / "refined")
+    other = tiny_config(cfg["data_dir"], tmp_path / "refined", "refine.steps=3", "refine.objective=targeted")
+    comm, moved = start(other)
+    run_stage("export", other, comm, moved)
+    manifest = read_manifest(moved.protected)
+    assert manifest["extra"]["protection"]["refine_objective"] == "targeted"
+    surrogate = load_frozen_surrogate(other, moved, manifest, torch.device("cpu"))
+
+    def next_class_loss(directory) -> float:
+        images, labels, _ = read_whole_split(directory, "train")
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            logits = surrogate(x)[0]
+        return float(F.cross_entropy(logits, torch.from_numpy((labels[:, 0] + 1) % manifest["num_classes"])))
+
+    assert next_class_loss(moved.protected) < next_class_loss(run.protected) - 0.05

@@ -16,7 +16,7 @@ from hpc_uc.errors import UserError
 from hpc_uc.export import protect
 from hpc_uc.generator import add_perturbation, choose_targets, kl_to_target
 from hpc_uc.models import ResNetWithFeature
-from hpc_uc.refine import refine
+from hpc_uc.refine import cluster_target_loss, next_class_loss, refine
 
 # three clusters on a line: 0 and 1 close together (class 0), 2 far away (class 1)
 CENTROIDS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
@@ -73,13 +73,38 @@ def test_refinement_stays_in_budget_lowers_the_loss_and_ignores_batching(surroga
         d = torch.from_numpy(delta).permute(0, 3, 1, 2)
         return kl_to_target(surrogate((x + d).clamp(0, 1))[1], target[torch.from_numpy(clusters)]).mean()
 
-    out = refine(surrogate, images, start, target, clusters, eps, "linf", 5, 0.25, torch.device("cpu"))
+    uc_loss = cluster_target_loss(target, clusters)
+    out = refine(surrogate, images, start, uc_loss, eps, "linf", 5, 0.25, torch.device("cpu"))
     assert np.abs(out).max() <= eps + 1e-6
     assert loss(out) < loss(start) - 1e-3
-    halves = refine(surrogate, images, start, target, clusters, eps, "linf", 5, 0.25, torch.device("cpu"), batch=5)
+    halves = refine(surrogate, images, start, uc_loss, eps, "linf", 5, 0.25, torch.device("cpu"), batch=5)
     assert np.allclose(out, halves, atol=1e-6)
-    l2 = refine(surrogate, images, start * 0.01, target, clusters, 1.0, "l2", 3, 0.5, torch.device("cpu"))
+    l2 = refine(surrogate, images, start * 0.01, uc_loss, 1.0, "l2", 3, 0.5, torch.device("cpu"))
     assert np.linalg.norm(l2.reshape(12, -1), axis=1).max() <= 1.0 + 1e-5
+
+
+def test_targeted_refinement_aims_each_image_at_the_next_class(surrogate):
+    """refine.objective=targeted: every step lowers the surrogate's loss of class y + 1 (not of
+    y), per image, whatever the batching."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (10, 28, 28, 1), dtype=np.uint8)
+    labels = (np.arange(10) % 3).reshape(-1, 1)
+    head = surrogate  # three classes
+    eps, start = 16 / 255, np.zeros((10, 28, 28, 1), np.float32)
+
+    def loss_of(delta, classes):
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        logits = head((x + torch.from_numpy(delta).permute(0, 3, 1, 2)).clamp(0, 1))[0]
+        return F.cross_entropy(logits, torch.from_numpy(classes), reduction="none")
+
+    out = refine(head, images, start, next_class_loss(labels, 3), eps, "linf", 5, 0.25, torch.device("cpu"))
+    assert np.abs(out).max() <= eps + 1e-6
+    following, own = (labels[:, 0] + 1) % 3, labels[:, 0]
+    assert (loss_of(out, following) < loss_of(start, following)).all()
+    assert loss_of(out, own).mean() > loss_of(start, own).mean()
+    halves = refine(head, images, start, next_class_loss(labels, 3), eps, "linf", 5, 0.25, torch.device("cpu"),
+                    batch=4)
+    assert np.allclose(out, halves, atol=1e-6)
 
 
 def test_augmented_loss_is_seeded_and_differentiable(surrogate):
@@ -158,6 +183,20 @@ def test_classwise_noise_is_within_budget_and_seeded():
 def test_classwise_refuses_refine():
     with pytest.raises(UserError, match="refine.steps refines UC"):
         load_config(None, ["method=classwise", "refine.steps=3"])
+
+
+def test_targeted_refinement_refuses_zero_steps_and_multilabel_data(tmp_path, monkeypatch):
+    from hpc_uc import pipeline
+
+    with pytest.raises(UserError, match="refine.objective=targeted needs refine.steps > 0"):
+        load_config(None, ["refine.objective=targeted"])
+    split = {"count": 10}
+    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
+        "task": "multi-label, binary-class", "image_size": 28, "splits": {"train": split, "test": split}})
+    cfg = load_config(None, ["refine.objective=targeted", "refine.steps=3", f"data_dir={tmp_path}"])
+    with pytest.raises(UserError, match="refine.objective=targeted needs one class per image"):
+        pipeline.check_data(cfg)
+    pipeline.check_data({**cfg, "refine": {**cfg["refine"], "objective": "uc"}})  # UC's own loss takes it
 
 
 def test_tile_pattern_repeats_the_corner_and_survives_shifts():
