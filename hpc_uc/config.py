@@ -131,7 +131,8 @@ DEFAULTS: dict[str, Any] = {
     "evaluate": {
         "protocols": ["medmnist", "ue"],  # victim protocols: medmnist (Adam, best val epoch) | ue
         "recalibrate_samples": 100,       # clean labelled val images an attacker re-fits the head on
-    },
+        "floor": False,                   # also a victim on shuffled labels per protocol: what one
+    },                                    # that learned nothing reads on these splits
     "defenses": [],               # jpeg10, jpeg50, grayscale, cutmix, mixup, pgd
     "defense": {"pgd_epsilon": 8 / 255, "pgd_steps": 5, "pgd_step_size": 2 / 255},
 }
@@ -200,6 +201,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "victim.ue.epochs": ("int", 0, INF), "victim.ue.lr": ("number", 0, INF), "victim.ue.momentum": ("number", 0, 1),
     "victim.ue.weight_decay": ("number", 0, INF), "victim.ue.crop_padding": ("int", 0, INF),
     "evaluate.protocols": ("list", None, None), "evaluate.recalibrate_samples": ("int", 0, INF),
+    "evaluate.floor": ("bool", None, None),
     "defense.pgd_epsilon": ("number", 0, 1), "defense.pgd_steps": ("int", 0, INF),
     "defense.pgd_step_size": ("number", 0, 1),
 }

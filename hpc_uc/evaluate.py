@@ -34,10 +34,11 @@ from .epoch_picks import EpochPicks, turned_reading
 from .imperceptibility import parallel_imperceptibility
 from .metrics import chance_accuracy, medmnist_metrics, prior_loss
 from .models import ResNetClassifier, ResNetWithFeature, victim_model
-from .protection import protection_figures
+from .protection import attacker_reading, protection_figures
 from .reader import ShardedDataset
 from .recalibrate import recalibrated_metrics
 from .rundir import RunDir
+from .shuffled_labels import ShuffledLabels
 from .training import MetricsLog, predict, train_classifier
 
 RESULTS_VERSION = 2
@@ -118,15 +119,18 @@ def measure(cfg: dict, model: ResNetClassifier, splits: Splits, comm: Comm) -> d
 
 
 def train_and_test(cfg: dict, comm: Comm, train_dir, name: str, protocol: str, splits: Splits,
-                   log: MetricsLog, defense_name: str | None = None) -> dict:
-    """Train one victim under ``protocol`` on ``train_dir``'s train split; return its figures on
-    the clean test split (rank 0; an empty dict elsewhere). ``history`` holds the per-epoch
-    clean validation ACC/AUC; ``turned_*`` (protocols that keep an epoch) the turning attacker's
-    epoch and figures (hpc_uc/epoch_picks.py)."""
+                   log: MetricsLog, defense_name: str | None = None, shuffle_labels: bool = False) -> dict:
+    """Train one victim under ``protocol`` on ``train_dir``'s train split (its labels shuffled
+    by ``seed`` with ``shuffle_labels``: the floor victim); return its figures on the clean test
+    split (rank 0; an empty dict elsewhere). ``history`` holds the per-epoch clean validation
+    ACC/AUC; ``turned_*`` (protocols that keep an epoch) the turning attacker's epoch and
+    figures (hpc_uc/epoch_picks.py)."""
     v, s = cfg["victim"], protocol_settings(cfg, protocol)
     per_rank = check_world(cfg, comm.size, "victim.batch_size")
     train = ShardedDataset(train_dir, "train", comm, seed=cfg["seed"], cache=cfg["cache"])
     manifest = train.manifest
+    if shuffle_labels:
+        train = ShuffledLabels(train, cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model = build_victim(cfg, manifest)
     picks = EpochPicks(v["select"], turning=not s["final"])
@@ -192,8 +196,9 @@ def clean_victim_key(cfg: dict, comm: Comm) -> str:
     """What a clean victim's figures depend on: the data, the seed, the victim and evaluation
     settings and the number of ranks (the data order)."""
     manifest = (Path(cfg["data_dir"]) / "manifest.json").read_bytes()
+    evaluate = {k: v for k, v in cfg["evaluate"].items() if k != "floor"}  # the floor adds a victim, alters none
     values = {"manifest": hashlib.sha256(manifest).hexdigest(), "seed": cfg["seed"], "victim": cfg["victim"],
-              "evaluate": cfg["evaluate"], "cache": cfg["cache"], "world_size": comm.size,
+              "evaluate": evaluate, "cache": cfg["cache"], "world_size": comm.size,
               "results_version": RESULTS_VERSION}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
@@ -211,6 +216,25 @@ def known_clean_victims(cfg: dict, comm: Comm, run: RunDir) -> dict:
     if not isinstance(doc, dict) or doc.get("key") != clean_victim_key(cfg, comm):
         return {}
     return doc.get("protocols", {}) if isinstance(doc.get("protocols"), dict) else {}
+
+
+def floor_victim(cfg: dict, comm: Comm, run: RunDir, protocol: str, splits: Splits, log: MetricsLog,
+                 known: dict) -> dict:
+    """The victim of ``protocol`` trained on the clean images with shuffled labels, with the
+    attacker's ``reading`` of it: what a victim that learned nothing about the labels reads on
+    these splits (``evaluate.floor``). Like the clean victim it does not depend on the
+    protection, so it is kept in and reused from RUN_DIR/clean_victims.json."""
+    key = f"{protocol}/floor"
+    if key in known:
+        if comm.is_root:
+            print(f"evaluate[{key}]: reused from {run.clean_victims.name}", flush=True)
+        return known[key] if comm.is_root else {}
+    floor = train_and_test(cfg, comm, cfg["data_dir"], "floor", protocol, splits, log, shuffle_labels=True)
+    if comm.is_root:
+        floor["reading"] = attacker_reading(floor)
+        known[key] = {k: v for k, v in floor.items() if k != "history"}
+        write_json(run.clean_victims, {"key": clean_victim_key(cfg, comm), "protocols": known})
+    return floor
 
 
 def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
@@ -235,6 +259,8 @@ def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
                    "protected": train_and_test(cfg, comm, run.protected, "protected", protocol, splits, log)}
         victims["defenses"] = {name: train_and_test(cfg, comm, run.protected, name, protocol, splits, log,
                                                     defense_name=name) for name in cfg["defenses"]}
+        if cfg["evaluate"]["floor"]:
+            victims["floor"] = floor_victim(cfg, comm, run, protocol, splits, log, known)
         protocols[protocol] = victims
     torch.manual_seed(cfg["seed"])  # the floor of the re-fit: features of a network that learned nothing
     untrained = measure(cfg, build_victim(cfg, splits.test.manifest).to(comm.device), splits, comm)
@@ -246,8 +272,8 @@ def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
         plot_victims({p: {n: victims[n].pop("history") for n in ("clean", "protected")}
                       for p, victims in protocols.items()}, run.victims_png)
         for victims in protocols.values():
-            for d in victims["defenses"].values():
-                d.pop("history")
+            for d in [*victims["defenses"].values(), victims.get("floor", {})]:
+                d.pop("history", None)
         results = build_results(cfg, comm, run, protocols, untrained, quality)
         write_json(run.results, results)
     comm.barrier()

@@ -22,6 +22,7 @@ SCHEMA: dict[str, tuple] = {
 VICTIM_SCHEMA = {"test_acc": _NUM, "test_auc": _OPT, "recalibrated_acc": _OPT, "recalibrated_auc": _OPT,
                  "best_epoch": (int,), "reported_epoch": (int,), "epochs": (int,), "seconds": _NUM}
 PROTECTION_SCHEMA = {"acc": _OPT, "auc": _OPT, "recalibrated_acc": _OPT, "headline": _OPT}
+READING_SCHEMA = {"acc": _NUM, "auc": _OPT, "recalibrated_acc": _OPT}
 
 
 def _check_fields(where: str, doc: Any, schema: dict) -> None:
@@ -57,6 +58,9 @@ def validate_results(doc: Any) -> None:
         for name, d in victims["defenses"].items():
             _check_fields(f"protocols.{protocol}.defenses.{name}.protection", d.get("protection"),
                           PROTECTION_SCHEMA)
+        if "floor" in victims:  # evaluate.floor
+            _check_fields(f"protocols.{protocol}.floor", victims["floor"], VICTIM_SCHEMA)
+            _check_fields(f"protocols.{protocol}.floor.reading", victims["floor"].get("reading"), READING_SCHEMA)
         _check_fields(f"protection.{protocol}", doc["protection"][protocol], PROTECTION_SCHEMA)
 
 
@@ -138,6 +142,7 @@ def render(doc: dict) -> str:
               + f", recalibrated ACC {_fmt(v['turned_recalibrated_acc'])}"
               for protocol, victims in doc["protocols"].items() for n, v in victims.items()
               if n == "protected" and v.get("turned_epoch") not in (None, v["reported_epoch"])]
+    lines += floor_lines(doc)
     lines += [
         "",
         f"- chance: majority rate of the test split {_fmt(doc['chance_acc'])} (ACC), 0.5 (AUC)",
@@ -150,6 +155,24 @@ def render(doc: dict) -> str:
         "- wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in doc["stage_seconds"].items()),
     ]
     return "\n".join(lines) + "\n"
+
+
+def floor_lines(doc: dict) -> list[str]:
+    """Per protocol with a floor victim (evaluate.floor): what it reads beside the protected one."""
+    from .protection import attacker_reading
+
+    lines = []
+    for protocol, victims in doc["protocols"].items():
+        if "floor" not in victims:
+            continue
+        floor, protected = victims["floor"]["reading"], attacker_reading(victims["protected"])
+        above = ("" if floor["auc"] is None or protected["auc"] is None
+                 else f", {protected['auc'] - floor['auc']:+.3f} against the floor")
+        lines.append(f"- {protocol} floor: a victim trained on shuffled labels (it learned nothing about them) "
+                     f"reads AUC {_fmt(floor['auc'])} and recalibrated ACC {_fmt(floor['recalibrated_acc'])}; "
+                     f"the protected victim reads AUC {_fmt(protected['auc'])}{above}, recalibrated ACC "
+                     f"{_fmt(protected['recalibrated_acc'])}")
+    return lines
 
 
 def report(run_dir: str | Path) -> str:

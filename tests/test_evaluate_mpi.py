@@ -96,3 +96,36 @@ def test_turned_epoch_is_measured_on_its_own_state(comm, digits_shared, monkeypa
         assert (out["best_epoch"], out["turned_epoch"], out["turned_val_auc"]) == (1, 2, 0.2)
         assert out["turned_test_auc"] == pytest.approx(1 - measured[1][1]["test_auc"])
         assert out["turned_recalibrated_acc"] == measured[1][1]["recalibrated_acc"]
+
+
+def test_floor_victim_trains_on_the_same_shuffled_labels_on_every_rank(comm, digits_shared, monkeypatch):
+    """evaluate.floor's victim: each training image carries the label its sample id gets from
+    one seeded permutation of the split (the class counts kept), whichever rank reads it."""
+    from hpc_uc import evaluate
+    from hpc_uc.reader import ShardedDataset
+    from hpc_uc.shuffled_labels import ShuffledLabels
+    from hpc_uc.training import MetricsLog
+
+    seen: dict[int, int] = {}
+
+    def train(model, train_ds, comm_, **kwargs):
+        for _, labels, index in train_ds.batches(16, epoch=0, shuffle=True, drop_last=False):
+            seen.update(zip(index.tolist(), labels[:, 0].tolist()))
+
+    monkeypatch.setattr(evaluate, "train_classifier", train)
+    cfg = load_config(None, [f"data_dir={digits_shared}", "victim.stem=standard", "cache=never", "seed=5"])
+    evaluate.train_and_test(cfg, comm, digits_shared, "floor", "medmnist", Splits(cfg, comm),
+                            MetricsLog(digits_shared.parent / "metrics.jsonl", comm, "evaluate"), shuffle_labels=True)
+    parts = comm.gather(seen)
+    if not comm.is_root:
+        return
+    _, labels, index = read_whole_split(digits_shared, "train")
+    solo = ShuffledLabels(ShardedDataset(digits_shared, "train", None), seed=5)
+    for part in parts:  # each rank its part of the deal (equal parts: an odd split leaves one out)
+        ids = np.array(sorted(part))
+        assert [part[i] for i in ids.tolist()] == solo.labels_of(ids)[:, 0].tolist()
+    assert len(set(parts[0]) | set(parts[1])) >= len(index) - 1
+    assert np.array_equal(np.bincount(solo.labels[:, 0]), np.bincount(labels[:, 0]))  # a permutation
+    truth = dict(zip(index.tolist(), labels[:, 0].tolist()))
+    assert np.mean([y != truth[i] for part in parts for i, y in part.items()]) > 0.8  # 10 classes: ~0.9
+    assert not np.array_equal(solo.labels, ShuffledLabels(ShardedDataset(digits_shared, "train", None), 6).labels)

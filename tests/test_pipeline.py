@@ -422,3 +422,36 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
         return float(F.cross_entropy(logits, torch.from_numpy((labels[:, 0] + 1) % manifest["num_classes"])))
 
     assert next_class_loss(moved.protected) < next_class_loss(run.protected) - 0.05
+
+
+def test_floor_victims_are_reported_and_kept_with_the_clean_ones(finished_run, tmp_path, capsys):
+    """evaluate.floor: each protocol gets a victim trained on shuffled labels, read as a
+    protected one is (results.json, report.md), kept beside the clean victims (whose key the
+    floor does not change) and reused by a run that changes only the protection."""
+    import shutil
+
+    from hpc_uc.evaluate import clean_victim_key
+
+    cfg, run = finished_run
+    solo = start(cfg)[0]
+    assert clean_victim_key({**cfg, "evaluate": {**cfg["evaluate"], "floor": True}}, solo) == clean_victim_key(cfg, solo)
+    shutil.copytree(run.root, tmp_path / "floor")
+    capsys.readouterr()
+    other = tiny_config(cfg["data_dir"], tmp_path / "floor", "evaluate.floor=true", "evaluate.protocols=[medmnist]")
+    comm, moved = start(other)
+    run_all(other, comm, moved)
+    out = capsys.readouterr().out
+    assert "evaluate[medmnist/floor]: epoch 1/1" in out
+    doc = json.loads(moved.results.read_text())
+    validate_results(doc)
+    floor = doc["protocols"]["medmnist"]["floor"]
+    assert floor["reading"]["auc"] == pytest.approx(max(floor["test_auc"], 1 - floor["test_auc"],
+                                                        floor["turned_test_auc"]))
+    assert "- medmnist floor: a victim trained on shuffled labels" in (moved.root / "report.md").read_text()
+    again = tiny_config(cfg["data_dir"], tmp_path / "floor", "evaluate.floor=true", "evaluate.protocols=[medmnist]",
+                        "refine.steps=1")
+    comm, moved = start(again)
+    run_all(again, comm, moved)
+    out = capsys.readouterr().out
+    assert out.count("reused from clean_victims.json") == 2
+    assert json.loads(moved.results.read_text())["protocols"]["medmnist"]["floor"] == floor
