@@ -87,7 +87,8 @@ DEFAULTS: dict[str, Any] = {
                                   # trained on x + delta (the paper's) | targeted: noise toward the
                                   # next class (y + 1 mod classes), for a model trained on clean
                                   # images (adversarial poisoning, Fowl et al. 2021; one class per image;
-                                  # stop_accuracy then counts x + delta taken for the next class)
+                                  # stop_accuracy then counts x + delta taken for the next class) |
+                                  # auto: targeted where each image has one class, min on multi-label
         "augment": True,          # the ue victim's crop + flip inside both steps (expectation):
                                   # deeper on BreastMNIST, both protocols; digits: nothing protects
                                   # (docs/efficacy.md)
@@ -162,7 +163,7 @@ CHOICES = {
     "em.stem": ("auto", "small", "standard"),
     "em.init": ("uniform", "classwise"),
     "em.optimizer": ("sgd", "adam"),
-    "em.objective": ("min", "targeted"),
+    "em.objective": ("auto", "min", "targeted"),
     "refine.objective": ("uc", "targeted"),
     "victim.stem": ("auto", "small", "standard"),
     "victim.select": ("auc", "acc"),

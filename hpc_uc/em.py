@@ -43,6 +43,7 @@ from .models import victim_model
 from .reader import ShardedDataset, chunk_rows
 from .refine import project
 from .rundir import RunDir
+from .shards import is_multilabel
 from .training import MetricsLog, accuracy, classification_loss, lr_at, set_lr
 
 UE_BATCH = 128        # the batch em.lr is given for (the UE paper's)
@@ -181,6 +182,14 @@ def noise_model_optimizer(cfg: dict, model: nn.Module) -> tuple[torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=e["weight_decay"]), lr
 
 
+def resolve_objective(objective: str, task: str) -> str:
+    """``em.objective`` as it runs: ``auto`` is ``targeted`` where each image has one class and
+    ``min`` on multi-label data (the next class is undefined there)."""
+    if objective == "auto":
+        return "min" if is_multilabel(task) else "targeted"
+    return objective
+
+
 def noise_targets(labels: torch.Tensor, num_classes: int, objective: str) -> torch.Tensor:
     """The labels δ lowers the loss of: each image's own (``min``) or the next class,
     y + 1 mod ``num_classes`` (``targeted``; single-label N x 1 labels)."""
@@ -228,7 +237,11 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
     base, lr = noise_model_optimizer(cfg, model)
     opt = comm.distributed_optimizer(base, model)
     log = MetricsLog(run.metrics, comm, "train")
-    targeted = e["objective"] == "targeted"  # the model learns clean images; δ aims at the next class
+    objective = resolve_objective(e["objective"], data.task)
+    targeted = objective == "targeted"  # the model learns clean images; δ aims at the next class
+    if comm.is_root:
+        print(f"em: objective {objective}" + (f" (em.objective=auto, {data.task})" if e["objective"] == "auto" else ""),
+              flush=True)
     padding = CROP_PADDING
     starts = {lo: (cycle, n * e["train_steps"])
               for cycle, (lo, n) in enumerate(model_cycles(e["rounds"], e["restart_every"]))}
@@ -262,7 +275,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
         counts = torch.zeros(2, dtype=torch.float64)
         for lo, (images, labels, _) in zip(range(0, len(ids), rows), data.local_chunks(rows)):
             x = torch.from_numpy(images).to(comm.device).permute(0, 3, 1, 2).float() / 255.0
-            y = noise_targets(torch.from_numpy(labels).to(comm.device), data.num_classes, e["objective"])
+            y = noise_targets(torch.from_numpy(labels).to(comm.device), data.num_classes, objective)
             d = torch.from_numpy(store.levels[lo:lo + len(x)]).to(comm.device).float() / 255.0
             d = minimise_noise(model, x, d, y, data.task, cfg["epsilon"], cfg["norm"], e["pgd_steps"],
                                e["step_size"], gen, padding, e["patch"])

@@ -12,7 +12,8 @@ from torch import nn
 from hpc_uc.config import load_config
 from hpc_uc.classwise import class_noise
 from hpc_uc.em import (NoiseStore, SampleNoise, block_mean, classwise_levels, grey_levels, initial_levels,
-                        merge_parts, minimise_noise, model_cycles, noise_targets, model_seed, noise_model_optimizer)
+                        merge_parts, minimise_noise, model_cycles, noise_targets, model_seed, noise_model_optimizer,
+                        resolve_objective)
 from hpc_uc.errors import UserError
 from hpc_uc.rundir import RunDir
 from hpc_uc.training import classification_loss
@@ -222,6 +223,14 @@ def test_single_label_em_settings_refuse_multilabel_data(key, value, default, tm
     with pytest.raises(UserError, match=f"em.{key}={value} needs one class per image"):
         pipeline.check_data(cfg)
     pipeline.check_data({**cfg, "em": {**cfg["em"], key: default}})  # the default takes it
+
+
+def test_auto_objective_is_targeted_where_each_image_has_one_class():
+    assert resolve_objective("auto", "multi-class") == "targeted"
+    assert resolve_objective("auto", "binary-class") == "targeted"
+    assert resolve_objective("auto", "ordinal-regression") == "targeted"
+    assert resolve_objective("auto", "multi-label, binary-class") == "min"
+    assert resolve_objective("min", "multi-class") == "min" and resolve_objective("targeted", "binary-class") == "targeted"
 
 
 def test_noise_targets_are_the_own_class_or_the_next_one():

@@ -337,11 +337,12 @@ def test_em_rounds_use_the_patch_and_the_optimizer_asked_for(finished_run, tmp_p
     assert seen == {"patch": {2}, "optimizer": ["Adam"]}
 
 
-@pytest.mark.parametrize("objective", ["min", "targeted"])
+@pytest.mark.parametrize("objective", ["min", "targeted", "auto"])
 def test_em_objective_picks_what_the_model_learns_and_where_the_noise_points(objective, finished_run, tmp_path,
                                                                             monkeypatch):
     """em.objective=min: the model trains on x + δ and δ lowers the loss of each image's own
-    class; targeted: the model trains on the clean images and δ points at the next class."""
+    class; targeted: the model trains on the clean images and δ points at the next class; auto
+    is targeted on digits, which has one class per image."""
     import inspect
 
     from hpc_uc import em
@@ -372,7 +373,7 @@ def test_em_objective_picks_what_the_model_learns_and_where_the_noise_points(obj
     monkeypatch.setattr(em, "victim_model", model)
     run_em_train_stage(finished_run, tmp_path / "wired", "em.rounds=2", "em.train_steps=2", "em.augment=false",
                        "em.stop_accuracy=1", f"em.objective={objective}")
-    targeted = objective == "targeted"
+    targeted = objective in ("targeted", "auto")
     assert seen["clean_batches"] and set(seen["clean_batches"]) == {targeted}
     assert seen["targets_next"] and set(seen["targets_next"]) == {targeted}
 
