@@ -2,9 +2,9 @@
 AUC and re-fit readings, the best any protection can reach on this split and protocol.
 
 Each seed's victim trains under each protocol of the config (``hpc-uc evaluate``'s own
-training and measuring) on the clean training images with their labels **shuffled** (a
-permutation, so the class counts stay): whatever it learns, its outputs carry no label
-information except by chance. The figures are read exactly as a protected victim's are
+training and measuring: the floor victim of ``evaluate.floor``) on the clean training images
+with their labels **shuffled** (a permutation, so the class counts stay): whatever it learns,
+its outputs carry no label information except by chance. The figures are read exactly as a protected victim's are
 (``attacker_reading``: the AUC as ranked, the turning attacker's epoch under ``medmnist``), so
 a protected victim reading near them is as deep as this measurement can show.
 
@@ -24,24 +24,11 @@ import numpy as np
 from hpc_uc.comm import get_comm
 from hpc_uc.config import load_config
 from hpc_uc.evaluate import Splits, train_and_test
-from hpc_uc.export import read_whole_split
 from hpc_uc.protection import attacker_reading
-from hpc_uc.shards import ShardSetWriter, read_manifest
 from hpc_uc.training import MetricsLog
 
 COLUMNS = ("seed", "protocol", "test_acc", "test_auc", "recalibrated_acc", "turned_test_auc",
            "turned_recalibrated_acc", "read_auc", "read_recal", "best_epoch", "turned_epoch")
-
-
-def write_shuffled(data_dir: str, out: Path, seed: int) -> None:
-    """``out``: the train split of ``data_dir`` with its labels permuted by ``seed`` (one shard)."""
-    images, labels, index = read_whole_split(data_dir, "train")
-    manifest = read_manifest(data_dir)
-    shuffled = labels[np.random.default_rng(seed).permutation(len(labels))]
-    with ShardSetWriter(out, overwrite=True) as writer:
-        writer.write("train", images, shuffled, index, 0, 1)
-        writer.commit({**manifest, "splits": {},
-                       "extra": {**manifest.get("extra", {}), "shuffled_labels_of": str(data_dir), "seed": seed}})
 
 
 def main() -> None:
@@ -55,14 +42,13 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = load_config(args.config, [*args.overrides, f"seed={seed}"])
         comm = get_comm(cfg["backend"])
-        train_dir = args.out / f"shuffled-seed{seed}"
         if comm.is_root:
-            write_shuffled(cfg["data_dir"], train_dir, seed)
-        comm.barrier()
+            args.out.mkdir(parents=True, exist_ok=True)
         splits = Splits(cfg, comm)
         log = MetricsLog(args.out / "metrics.jsonl", comm, "reading_floor")
         for protocol in cfg["evaluate"]["protocols"]:
-            victim = train_and_test(cfg, comm, train_dir, f"shuffled-seed{seed}", protocol, splits, log)
+            victim = train_and_test(cfg, comm, cfg["data_dir"], f"floor-seed{seed}", protocol, splits, log,
+                                    shuffle_labels=True)
             if comm.is_root:
                 read = attacker_reading(victim)
                 rows.append({**{k: victim.get(k) for k in COLUMNS}, "seed": seed, "protocol": protocol,
