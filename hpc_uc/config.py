@@ -83,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
         "init": "uniform",        # where each image's delta starts: uniform noise of its own
                                   # (the paper's) | classwise (its class's random pattern, as
                                   # method=classwise draws it; single-label sets)
-        "objective": "min",       # min: noise that lowers the loss of its true class, for a model
+        "objective": "auto",      # min: noise that lowers the loss of its true class, for a model
                                   # trained on x + delta (the paper's) | targeted: noise toward the
                                   # next class (y + 1 mod classes), for a model trained on clean
                                   # images (adversarial poisoning, Fowl et al. 2021; one class per image;
@@ -341,7 +341,8 @@ def validate(cfg: dict) -> None:
     if cfg["method"] != "uc" and cfg["refine"]["steps"] > 0:
         raise UserError(f"refine.steps refines UC's cluster perturbations; set it to 0 for method={cfg['method']}")
     if cfg["refine"]["objective"] != "uc" and cfg["refine"]["steps"] == 0:
-        raise UserError(f"refine.objective={cfg['refine']['objective']} needs refine.steps > 0 (0 refines nothing)")
+        raise UserError(f"refine.objective={cfg['refine']['objective']} applies to method=uc with refine.steps > 0 "
+                        f"(0 refines nothing)")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

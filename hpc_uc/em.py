@@ -41,7 +41,7 @@ from .config import check_world, scaled_lr
 from .errors import UserError
 from .models import victim_model
 from .reader import ShardedDataset, chunk_rows
-from .refine import project
+from .refine import next_class, project
 from .rundir import RunDir
 from .shards import is_multilabel
 from .training import MetricsLog, accuracy, classification_loss, lr_at, set_lr
@@ -196,7 +196,7 @@ def noise_targets(labels: torch.Tensor, num_classes: int, objective: str) -> tor
     if objective == "targeted":
         if labels.shape[1] != 1:
             raise UserError("em.objective=targeted needs one class per image")
-        return (labels + 1) % num_classes
+        return next_class(labels, num_classes)
     return labels
 
 
@@ -239,6 +239,7 @@ def run_em(cfg: dict, comm: Comm, run: RunDir) -> dict:
     log = MetricsLog(run.metrics, comm, "train")
     objective = resolve_objective(e["objective"], data.task)
     targeted = objective == "targeted"  # the model learns clean images; δ aims at the next class
+    log.write(objective=objective, objective_setting=e["objective"])  # auto resolved, in metrics.jsonl
     if comm.is_root:
         print(f"em: objective {objective}" + (f" (em.objective=auto, {data.task})" if e["objective"] == "auto" else ""),
               flush=True)

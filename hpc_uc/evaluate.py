@@ -193,7 +193,8 @@ def _num(value) -> str:
 
 
 def clean_victim_key(cfg: dict, comm: Comm) -> str:
-    """What a clean victim's figures depend on: the data, the seed, the victim and evaluation
+    """What a clean victim's figures depend on -- and a floor victim's (``evaluate.floor``,
+    whose labels are shuffled by the seed): the data, the seed, the victim and evaluation
     settings and the number of ranks (the data order)."""
     manifest = (Path(cfg["data_dir"]) / "manifest.json").read_bytes()
     evaluate = {k: v for k, v in cfg["evaluate"].items() if k != "floor"}  # the floor adds a victim, alters none
@@ -204,9 +205,9 @@ def clean_victim_key(cfg: dict, comm: Comm) -> str:
 
 
 def known_clean_victims(cfg: dict, comm: Comm, run: RunDir) -> dict:
-    """Clean victims already measured for this key (RUN_DIR/clean_victims.json), by protocol.
-    The clean victim does not depend on the protection, so sweeps and knob studies that
-    seed a run directory with this file train it once."""
+    """Clean victims already measured for this key (RUN_DIR/clean_victims.json), by protocol,
+    and floor victims under "PROTOCOL/floor". Neither depends on the protection, so sweeps and
+    knob studies that seed a run directory with this file train them once."""
     if not run.clean_victims.is_file():
         return {}
     try:
@@ -220,18 +221,17 @@ def known_clean_victims(cfg: dict, comm: Comm, run: RunDir) -> dict:
 
 def floor_victim(cfg: dict, comm: Comm, run: RunDir, protocol: str, splits: Splits, log: MetricsLog,
                  known: dict) -> dict:
-    """The victim of ``protocol`` trained on the clean images with shuffled labels, with the
-    attacker's ``reading`` of it: what a victim that learned nothing about the labels reads on
-    these splits (``evaluate.floor``). Like the clean victim it does not depend on the
-    protection, so it is kept in and reused from RUN_DIR/clean_victims.json."""
+    """The victim of ``protocol`` trained on the clean images with shuffled labels: what a
+    victim that learned nothing about the labels reads on these splits (``evaluate.floor``;
+    build_results adds the attacker's ``reading``). Like the clean victim it does not depend on
+    the protection, so it is kept in and reused from RUN_DIR/clean_victims.json."""
     key = f"{protocol}/floor"
     if key in known:
         if comm.is_root:
             print(f"evaluate[{key}]: reused from {run.clean_victims.name}", flush=True)
-        return known[key] if comm.is_root else {}
+        return copy.deepcopy(known[key]) if comm.is_root else {}
     floor = train_and_test(cfg, comm, cfg["data_dir"], "floor", protocol, splits, log, shuffle_labels=True)
     if comm.is_root:
-        floor["reading"] = attacker_reading(floor)
         known[key] = {k: v for k, v in floor.items() if k != "history"}
         write_json(run.clean_victims, {"key": clean_victim_key(cfg, comm), "protocols": known})
     return floor
@@ -293,6 +293,8 @@ def build_results(cfg: dict, comm: Comm, run: RunDir, protocols: dict, untrained
         protection[name] = protection_figures(victims["clean"], victims["protected"], chance)
         for d in victims["defenses"].values():
             d["protection"] = protection_figures(victims["clean"], d, chance)
+        if "floor" in victims:
+            victims["floor"]["reading"] = attacker_reading(victims["floor"])
     return {
         "results_version": RESULTS_VERSION,
         "dataset": source["dataset"],

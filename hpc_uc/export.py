@@ -139,11 +139,12 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
     from .surrogate import load_frozen_surrogate
 
     surrogate = load_frozen_surrogate(cfg, run, manifest, comm.device)
-    with np.load(run.clusters) as data:
-        centroids = torch.from_numpy(data["centroids"]).float()
-    targets = torch.from_numpy(load_targets(run.perturbations))
-    probs = F.softmax(centroids[targets], dim=1).to(comm.device)
     r = cfg["refine"]
+    if r["objective"] == "uc":  # each cluster's target distribution
+        with np.load(run.clusters) as data:
+            centroids = torch.from_numpy(data["centroids"]).float()
+        targets = torch.from_numpy(load_targets(run.perturbations))
+        probs = F.softmax(centroids[targets], dim=1).to(comm.device)
 
     def refine_chunk(images: np.ndarray, delta: np.ndarray, clusters: np.ndarray, labels: np.ndarray) -> np.ndarray:
         loss = (next_class_loss(labels, manifest["num_classes"]) if r["objective"] == "targeted"

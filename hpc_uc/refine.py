@@ -32,10 +32,16 @@ def cluster_target_loss(target_probs: torch.Tensor, clusters: np.ndarray) -> Ima
     return loss
 
 
+def next_class(labels, num_classes: int):
+    """Adversarial poisoning's target of each image: the next class, y + 1 mod ``num_classes``
+    (an array or tensor of class indices)."""
+    return (labels + 1) % num_classes
+
+
 def next_class_loss(labels: np.ndarray, num_classes: int) -> ImageLoss:
-    """Adversarial poisoning's loss: the surrogate's cross-entropy of class y + 1 mod classes
+    """Adversarial poisoning's loss: the surrogate's cross-entropy of :func:`next_class`
     (``labels`` N x 1, one class per image)."""
-    targets = torch.from_numpy((np.asarray(labels)[:, 0] + 1) % num_classes).long()
+    targets = torch.from_numpy(next_class(np.asarray(labels)[:, 0], num_classes)).long()
 
     def loss(logits: torch.Tensor, feats: torch.Tensor, rows: slice) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets[rows].to(logits.device), reduction="none")

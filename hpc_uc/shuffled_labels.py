@@ -21,7 +21,8 @@ class ShuffledLabels:
     and ``batches`` as the wrapped :class:`ShardedDataset`)."""
 
     def __init__(self, train: ShardedDataset, seed: int) -> None:
-        labels, self.index = ShardedDataset(train.root, "train", None, full=True, verify=False).labels_by_index()
+        with ShardedDataset(train.root, "train", None, full=True, verify=False) as whole:
+            labels, self.index = whole.labels_by_index()
         self.labels = labels[np.random.default_rng(seed).permutation(len(labels))]
         self.train, self.manifest = train, train.manifest
 

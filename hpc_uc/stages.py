@@ -122,7 +122,7 @@ def _check_train(cfg: dict, manifest: dict) -> None:
                         f"{Path(cfg['data_dir'])} is {manifest['task']}")
 
 
-SINGLE_LABEL_EM = {"objective": ("targeted", "min"), "init": ("classwise", "uniform")}  # key: (value, default)
+SINGLE_LABEL_EM = {"objective": ("targeted", "min"), "init": ("classwise", "uniform")}  # key: (value, instead)
 
 
 def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
@@ -133,17 +133,23 @@ def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
         raise UserError(f"em.patch={patch} is larger than the {size}-px images")
     if em["init"] == "classwise" and patch > 1:
         raise UserError(f"em.patch={patch} needs em.init=uniform (the classwise start is per pixel)")
-    for key, (value, default) in SINGLE_LABEL_EM.items():
+    for key, (value, instead) in SINGLE_LABEL_EM.items():
         if em[key] == value and is_multilabel(manifest["task"]):
             raise UserError(f"em.{key}={value} needs one class per image; "
-                            f"{Path(data_dir)} is {manifest['task']} (use em.{key}={default})")
+                            f"{Path(data_dir)} is {manifest['task']} (use em.{key}={instead})")
 
 
 def _check_export(cfg: dict, manifest: dict) -> None:
-    """refine.objective=targeted aims each image at the next class: one class per image."""
-    if cfg["refine"]["objective"] == "targeted" and is_multilabel(manifest["task"]):
+    """refine.objective=targeted aims each image at the next class of the surrogate's own
+    classifier: one class per image, and a surrogate trained on these labels."""
+    if cfg["refine"]["objective"] != "targeted":
+        return
+    if is_multilabel(manifest["task"]):
         raise UserError(f"refine.objective=targeted needs one class per image; "
                         f"{Path(cfg['data_dir'])} is {manifest['task']} (use refine.objective=uc)")
+    if cfg["surrogate"]["weights"] != "pretrain":
+        raise UserError(f"refine.objective=targeted attacks the surrogate's classifier, which surrogate.weights="
+                        f"{cfg['surrogate']['weights']} does not train on these labels (use surrogate.weights=pretrain)")
 
 
 def _check_evaluate(cfg: dict, manifest: dict) -> None:

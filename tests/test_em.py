@@ -222,7 +222,8 @@ def test_single_label_em_settings_refuse_multilabel_data(key, value, default, tm
     cfg = load_config(None, ["method=em", f"em.{key}={value}", f"data_dir={tmp_path}"])
     with pytest.raises(UserError, match=f"em.{key}={value} needs one class per image"):
         pipeline.check_data(cfg)
-    pipeline.check_data({**cfg, "em": {**cfg["em"], key: default}})  # the default takes it
+    pipeline.check_data({**cfg, "em": {**cfg["em"], key: default}})  # the setting suggested takes it
+    pipeline.check_data(load_config(None, ["method=em", f"data_dir={tmp_path}"]))  # and the defaults (auto: min)
 
 
 def test_auto_objective_is_targeted_where_each_image_has_one_class():

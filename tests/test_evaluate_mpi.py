@@ -125,6 +125,8 @@ def test_floor_victim_trains_on_the_same_shuffled_labels_on_every_rank(comm, dig
         ids = np.array(sorted(part))
         assert [part[i] for i in ids.tolist()] == solo.labels_of(ids)[:, 0].tolist()
     assert len(set(parts[0]) | set(parts[1])) >= len(index) - 1
+    by_id = labels[np.argsort(index)]  # the documented rule: labels in sample-id order, permuted by the seed
+    assert np.array_equal(solo.labels, by_id[np.random.default_rng(5).permutation(len(by_id))])
     assert np.array_equal(np.bincount(solo.labels[:, 0]), np.bincount(labels[:, 0]))  # a permutation
     truth = dict(zip(index.tolist(), labels[:, 0].tolist()))
     assert np.mean([y != truth[i] for part in parts for i, y in part.items()]) > 0.8  # 10 classes: ~0.9

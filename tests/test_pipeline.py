@@ -407,13 +407,15 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
     from hpc_uc.surrogate import load_frozen_surrogate
 
     cfg, run = finished_run
-    shutil.copytree(run.root, tmp_path / "refined")
-    other = tiny_config(cfg["data_dir"], tmp_path / "refined", "refine.steps=3", "refine.objective=targeted")
-    comm, moved = start(other)
-    run_stage("export", other, comm, moved)
-    manifest = read_manifest(moved.protected)
+    exported = {}
+    for objective in ("targeted", "uc"):
+        shutil.copytree(run.root, tmp_path / objective)
+        other = tiny_config(cfg["data_dir"], tmp_path / objective, "refine.steps=3", f"refine.objective={objective}")
+        comm, exported[objective] = start(other)
+        run_stage("export", other, comm, exported[objective])
+    manifest = read_manifest(exported["targeted"].protected)
     assert manifest["extra"]["protection"]["refine_objective"] == "targeted"
-    surrogate = load_frozen_surrogate(other, moved, manifest, torch.device("cpu"))
+    surrogate = load_frozen_surrogate(cfg, run, manifest, torch.device("cpu"))
 
     def next_class_loss(directory) -> float:
         images, labels, _ = read_whole_split(directory, "train")
@@ -422,7 +424,9 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
             logits = surrogate(x)[0]
         return float(F.cross_entropy(logits, torch.from_numpy((labels[:, 0] + 1) % manifest["num_classes"])))
 
-    assert next_class_loss(moved.protected) < next_class_loss(run.protected) - 0.05
+    targeted = next_class_loss(exported["targeted"].protected)
+    assert targeted < next_class_loss(run.protected) - 0.05  # unrefined
+    assert targeted < next_class_loss(exported["uc"].protected) - 0.05  # UC's own loss, as many steps
 
 
 def test_floor_victims_are_reported_and_kept_with_the_clean_ones(finished_run, tmp_path, capsys):
@@ -434,6 +438,7 @@ def test_floor_victims_are_reported_and_kept_with_the_clean_ones(finished_run, t
     from hpc_uc.evaluate import clean_victim_key
 
     cfg, run = finished_run
+    assert all("floor" not in v for v in json.loads(run.results.read_text())["protocols"].values())  # off: none
     solo = start(cfg)[0]
     assert clean_victim_key({**cfg, "evaluate": {**cfg["evaluate"], "floor": True}}, solo) == clean_victim_key(cfg, solo)
     shutil.copytree(run.root, tmp_path / "floor")

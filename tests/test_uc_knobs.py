@@ -185,10 +185,10 @@ def test_classwise_refuses_refine():
         load_config(None, ["method=classwise", "refine.steps=3"])
 
 
-def test_targeted_refinement_refuses_zero_steps_and_multilabel_data(tmp_path, monkeypatch):
+def test_targeted_refinement_refuses_zero_steps_multilabel_data_and_an_untrained_head(tmp_path, monkeypatch):
     from hpc_uc import pipeline
 
-    with pytest.raises(UserError, match="refine.objective=targeted needs refine.steps > 0"):
+    with pytest.raises(UserError, match="refine.objective=targeted applies to method=uc with refine.steps > 0"):
         load_config(None, ["refine.objective=targeted"])
     split = {"count": 10}
     monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
@@ -197,6 +197,11 @@ def test_targeted_refinement_refuses_zero_steps_and_multilabel_data(tmp_path, mo
     with pytest.raises(UserError, match="refine.objective=targeted needs one class per image"):
         pipeline.check_data(cfg)
     pipeline.check_data({**cfg, "refine": {**cfg["refine"], "objective": "uc"}})  # UC's own loss takes it
+    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
+        "task": "multi-class", "image_size": 28, "splits": {"train": split, "test": split}})
+    pipeline.check_data(cfg)
+    with pytest.raises(UserError, match="surrogate.weights=imagenet does not train on these labels"):
+        pipeline.check_data({**cfg, "surrogate": {**cfg["surrogate"], "weights": "imagenet"}})
 
 
 def test_tile_pattern_repeats_the_corner_and_survives_shifts():
