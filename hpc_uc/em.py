@@ -14,6 +14,10 @@ fresh models in turn (measured: no deeper on BreastMNIST or digits, docs/efficac
 expectation over the augmentation), so that δ stays a shortcut after it. ``em.patch`` P > 1
 makes δ low-frequency: it starts constant on P x P blocks and every step moves a block as one
 (the block's mean gradient), so only x + δ's clip to [0, 1] splits a block.
+``em.objective``: ``min`` is the min-min above; ``targeted`` is adversarial poisoning (Fowl et al.,
+NeurIPS 2021): the model trains on the clean images and every noise step lowers the loss of the
+next class, y + 1 mod classes; ``auto``, the default, is ``targeted`` where each image has one
+class and ``min`` on multi-label data (measured deeper on BreastMNIST, docs/efficacy.md).
 
 δ starts uniform in [-ε, ε] from (seed, sample id) -- or, with ``em.init: classwise``, as its
 class's random pattern (``method=classwise``'s, from the seed), a shortcut a victim takes at

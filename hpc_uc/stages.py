@@ -141,15 +141,17 @@ def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
 
 def _check_export(cfg: dict, manifest: dict) -> None:
     """refine.objective=targeted aims each image at the next class of the surrogate's own
-    classifier: one class per image, and a surrogate trained on these labels."""
+    classifier: one class per image, and a classifier head trained on these labels (not
+    ImageNet's)."""
     if cfg["refine"]["objective"] != "targeted":
         return
     if is_multilabel(manifest["task"]):
         raise UserError(f"refine.objective=targeted needs one class per image; "
                         f"{Path(cfg['data_dir'])} is {manifest['task']} (use refine.objective=uc)")
-    if cfg["surrogate"]["weights"] != "pretrain":
-        raise UserError(f"refine.objective=targeted attacks the surrogate's classifier, which surrogate.weights="
-                        f"{cfg['surrogate']['weights']} does not train on these labels (use surrogate.weights=pretrain)")
+    if cfg["surrogate"]["weights"] == "imagenet":  # a PATH may hold a head trained on these labels
+        raise UserError("refine.objective=targeted attacks the surrogate's classifier, which surrogate.weights="
+                        "imagenet leaves untrained for these labels (use surrogate.weights=pretrain, or a PATH "
+                        "to a surrogate trained on them)")
 
 
 def _check_evaluate(cfg: dict, manifest: dict) -> None:

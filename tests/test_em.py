@@ -212,8 +212,8 @@ def test_classwise_start_is_each_class_pattern_within_budget(norm, epsilon):
         assert np.sqrt((delta ** 2).sum(axis=(1, 2, 3))).max() <= epsilon + 1e-9
 
 
-@pytest.mark.parametrize("key, value, default", [("init", "classwise", "uniform"), ("objective", "targeted", "min")])
-def test_single_label_em_settings_refuse_multilabel_data(key, value, default, tmp_path, monkeypatch):
+@pytest.mark.parametrize("key, value, instead", [("init", "classwise", "uniform"), ("objective", "targeted", "min")])
+def test_single_label_em_settings_refuse_multilabel_data(key, value, instead, tmp_path, monkeypatch):
     from hpc_uc import pipeline
 
     split = {"count": 10}
@@ -222,7 +222,7 @@ def test_single_label_em_settings_refuse_multilabel_data(key, value, default, tm
     cfg = load_config(None, ["method=em", f"em.{key}={value}", f"data_dir={tmp_path}"])
     with pytest.raises(UserError, match=f"em.{key}={value} needs one class per image"):
         pipeline.check_data(cfg)
-    pipeline.check_data({**cfg, "em": {**cfg["em"], key: default}})  # the setting suggested takes it
+    pipeline.check_data({**cfg, "em": {**cfg["em"], key: instead}})  # the setting suggested takes it
     pipeline.check_data(load_config(None, ["method=em", f"data_dir={tmp_path}"]))  # and the defaults (auto: min)
 
 

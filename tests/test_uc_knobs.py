@@ -200,7 +200,7 @@ def test_targeted_refinement_refuses_zero_steps_multilabel_data_and_an_untrained
     monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
         "task": "multi-class", "image_size": 28, "splits": {"train": split, "test": split}})
     pipeline.check_data(cfg)
-    with pytest.raises(UserError, match="surrogate.weights=imagenet does not train on these labels"):
+    with pytest.raises(UserError, match="surrogate.weights=imagenet leaves untrained for these labels"):
         pipeline.check_data({**cfg, "surrogate": {**cfg["surrogate"], "weights": "imagenet"}})
 
 
