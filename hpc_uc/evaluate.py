@@ -23,6 +23,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -219,22 +220,21 @@ def known_clean_victims(cfg: dict, comm: Comm, run: RunDir) -> dict:
     return doc.get("protocols", {}) if isinstance(doc.get("protocols"), dict) else {}
 
 
-def floor_victim(cfg: dict, comm: Comm, run: RunDir, protocol: str, splits: Splits, log: MetricsLog,
-                 known: dict) -> dict:
-    """The victim of ``protocol`` trained on the clean images with shuffled labels: what a
-    victim that learned nothing about the labels reads on these splits (``evaluate.floor``;
-    build_results adds the attacker's ``reading``). Like the clean victim it does not depend on
-    the protection, so it is kept in and reused from RUN_DIR/clean_victims.json."""
-    key = f"{protocol}/floor"
+def kept_victim(cfg: dict, comm: Comm, run: RunDir, known: dict, key: str, label: str,
+                train: Callable[[], dict]) -> dict:
+    """A victim that does not depend on the protection (the clean one, and the shuffled-label
+    floor of ``evaluate.floor``): reused from RUN_DIR/clean_victims.json under ``key`` when
+    ``known`` holds it, otherwise ``train()`` and kept there (rank 0 writes)."""
     if key in known:
         if comm.is_root:
-            print(f"evaluate[{key}]: reused from {run.clean_victims.name}", flush=True)
+            print(f"evaluate[{label}]: reused from {run.clean_victims.name} (same data, seed, "
+                  f"victim settings and ranks)", flush=True)
         return copy.deepcopy(known[key]) if comm.is_root else {}
-    floor = train_and_test(cfg, comm, cfg["data_dir"], "floor", protocol, splits, log, shuffle_labels=True)
+    victim = train()
     if comm.is_root:
-        known[key] = {k: v for k, v in floor.items() if k != "history"}
+        known[key] = copy.deepcopy(victim)
         write_json(run.clean_victims, {"key": clean_victim_key(cfg, comm), "protocols": known})
-    return floor
+    return victim
 
 
 def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
@@ -245,22 +245,16 @@ def run_evaluate(cfg: dict, comm: Comm, run: RunDir) -> dict:
     protocols = {}
     known = comm.broadcast(known_clean_victims(cfg, comm, run) if comm.is_root else None)
     for protocol in cfg["evaluate"]["protocols"]:
-        if protocol in known:
-            clean = known[protocol] if comm.is_root else {}
-            if comm.is_root:
-                print(f"evaluate[{protocol}/clean]: reused from {run.clean_victims.name} (same data, seed, "
-                      f"victim settings and ranks)", flush=True)
-        else:
-            clean = train_and_test(cfg, comm, cfg["data_dir"], "clean", protocol, splits, log)
-            if comm.is_root:
-                known[protocol] = copy.deepcopy(clean)
-                write_json(run.clean_victims, {"key": clean_victim_key(cfg, comm), "protocols": known})
+        clean = kept_victim(cfg, comm, run, known, protocol, f"{protocol}/clean", lambda: train_and_test(
+            cfg, comm, cfg["data_dir"], "clean", protocol, splits, log))
         victims = {"clean": clean,
                    "protected": train_and_test(cfg, comm, run.protected, "protected", protocol, splits, log)}
         victims["defenses"] = {name: train_and_test(cfg, comm, run.protected, name, protocol, splits, log,
                                                     defense_name=name) for name in cfg["defenses"]}
-        if cfg["evaluate"]["floor"]:
-            victims["floor"] = floor_victim(cfg, comm, run, protocol, splits, log, known)
+        if cfg["evaluate"]["floor"]:  # what a victim that learned nothing about the labels reads here
+            victims["floor"] = kept_victim(cfg, comm, run, known, f"{protocol}/floor", f"{protocol}/floor",
+                                           lambda: train_and_test(cfg, comm, cfg["data_dir"], "floor", protocol,
+                                                                  splits, log, shuffle_labels=True))
         protocols[protocol] = victims
     torch.manual_seed(cfg["seed"])  # the floor of the re-fit: features of a network that learned nothing
     untrained = measure(cfg, build_victim(cfg, splits.test.manifest).to(comm.device), splits, comm)

@@ -114,12 +114,18 @@ def _check_cluster(cfg: dict, manifest: dict) -> None:
         raise UserError(f"clusters={cfg['clusters']} is more than the {count} training samples")
 
 
+def _refuse_multilabel(setting: str, manifest: dict, data_dir: str, instead: str | None = None) -> None:
+    """``setting`` (e.g. "method=ar") needs one class per image: refuse multi-label data."""
+    if is_multilabel(manifest["task"]):
+        raise UserError(f"{setting} needs one class per image; {Path(data_dir)} is {manifest['task']}"
+                        + (f" (use {instead})" if instead else ""))
+
+
 def _check_train(cfg: dict, manifest: dict) -> None:
     if cfg["method"] == "em":
         _check_em(cfg["em"], manifest, cfg["data_dir"])
-    elif METHODS[cfg["method"]].label_wise and is_multilabel(manifest["task"]):
-        raise UserError(f"method={cfg['method']} needs one class per image; "
-                        f"{Path(cfg['data_dir'])} is {manifest['task']}")
+    elif METHODS[cfg["method"]].label_wise:
+        _refuse_multilabel(f"method={cfg['method']}", manifest, cfg["data_dir"])
 
 
 SINGLE_LABEL_EM = {"objective": ("targeted", "min"), "init": ("classwise", "uniform")}  # key: (value, instead)
@@ -134,9 +140,8 @@ def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
     if em["init"] == "classwise" and patch > 1:
         raise UserError(f"em.patch={patch} needs em.init=uniform (the classwise start is per pixel)")
     for key, (value, instead) in SINGLE_LABEL_EM.items():
-        if em[key] == value and is_multilabel(manifest["task"]):
-            raise UserError(f"em.{key}={value} needs one class per image; "
-                            f"{Path(data_dir)} is {manifest['task']} (use em.{key}={instead})")
+        if em[key] == value:
+            _refuse_multilabel(f"em.{key}={value}", manifest, data_dir, f"em.{key}={instead}")
 
 
 def _check_export(cfg: dict, manifest: dict) -> None:
@@ -145,9 +150,7 @@ def _check_export(cfg: dict, manifest: dict) -> None:
     ImageNet's)."""
     if cfg["refine"]["objective"] != "targeted":
         return
-    if is_multilabel(manifest["task"]):
-        raise UserError(f"refine.objective=targeted needs one class per image; "
-                        f"{Path(cfg['data_dir'])} is {manifest['task']} (use refine.objective=uc)")
+    _refuse_multilabel("refine.objective=targeted", manifest, cfg["data_dir"], "refine.objective=uc")
     if cfg["surrogate"]["weights"] == "imagenet":  # a PATH may hold a head trained on these labels
         raise UserError("refine.objective=targeted attacks the surrogate's classifier, which surrogate.weights="
                         "imagenet leaves untrained for these labels (use surrogate.weights=pretrain, or a PATH "

@@ -137,6 +137,16 @@ def tiny_config(data_dir, run_dir, *extra: str) -> dict:
     return load_config(REPO / "configs" / "digits.yaml", [*TINY, f"data_dir={data_dir}", f"run_dir={run_dir}", *extra])
 
 
+def fake_manifest(monkeypatch, task: str) -> None:
+    """pipeline.check_data reads a manifest of ``task`` (28 px, 10 images per split) instead of
+    the data directory's: for the up-front refusals that depend on the task."""
+    from hpc_uc import pipeline
+
+    split = {"count": 10}
+    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
+        "task": task, "image_size": 28, "splits": {"train": split, "test": split}})
+
+
 def replace_stage_bodies(monkeypatch, body) -> None:
     """Every stage's entry point replaced by ``body(stage name)`` (the registry keeps the
     rest: keys, checks, artifacts), for tests of which stages run."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import fake_manifest
 from hpc_uc.ar import CROP, ar_coefficients, ar_fill, ar_perturbations, ar_residual
 from hpc_uc.config import load_config
 from hpc_uc.errors import UserError
@@ -96,9 +97,7 @@ def test_ar_refuses_refine():
 def test_ar_refuses_multilabel_data(tmp_path, monkeypatch):
     from hpc_uc import pipeline
 
-    split = {"count": 10}
-    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
-        "task": "multi-label, binary-class", "splits": {"train": split, "test": split}})
+    fake_manifest(monkeypatch, "multi-label, binary-class")
     cfg = load_config(None, ["method=ar", f"data_dir={tmp_path}", "clusters=2"])
     with pytest.raises(UserError, match="method=ar needs one class per image"):
         pipeline.check_data(cfg)

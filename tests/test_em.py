@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import fake_manifest
 from hpc_uc.config import load_config
 from hpc_uc.classwise import class_noise
 from hpc_uc.em import (NoiseStore, SampleNoise, block_mean, classwise_levels, grey_levels, initial_levels,
@@ -216,9 +217,7 @@ def test_classwise_start_is_each_class_pattern_within_budget(norm, epsilon):
 def test_single_label_em_settings_refuse_multilabel_data(key, value, instead, tmp_path, monkeypatch):
     from hpc_uc import pipeline
 
-    split = {"count": 10}
-    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
-        "task": "multi-label, binary-class", "image_size": 28, "splits": {"train": split, "test": split}})
+    fake_manifest(monkeypatch, "multi-label, binary-class")
     cfg = load_config(None, ["method=em", f"em.{key}={value}", f"data_dir={tmp_path}"])
     with pytest.raises(UserError, match=f"em.{key}={value} needs one class per image"):
         pipeline.check_data(cfg)

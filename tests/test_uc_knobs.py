@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import fake_manifest
 from hpc_uc.augment import crop_flip, epoch_generator
 from hpc_uc.config import load_config
 from hpc_uc.errors import UserError
@@ -190,15 +191,12 @@ def test_targeted_refinement_refuses_zero_steps_multilabel_data_and_an_untrained
 
     with pytest.raises(UserError, match="refine.objective=targeted applies to method=uc with refine.steps > 0"):
         load_config(None, ["refine.objective=targeted"])
-    split = {"count": 10}
-    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
-        "task": "multi-label, binary-class", "image_size": 28, "splits": {"train": split, "test": split}})
+    fake_manifest(monkeypatch, "multi-label, binary-class")
     cfg = load_config(None, ["refine.objective=targeted", "refine.steps=3", f"data_dir={tmp_path}"])
     with pytest.raises(UserError, match="refine.objective=targeted needs one class per image"):
         pipeline.check_data(cfg)
     pipeline.check_data({**cfg, "refine": {**cfg["refine"], "objective": "uc"}})  # UC's own loss takes it
-    monkeypatch.setattr(pipeline, "read_manifest", lambda _: {
-        "task": "multi-class", "image_size": 28, "splits": {"train": split, "test": split}})
+    fake_manifest(monkeypatch, "multi-class")
     pipeline.check_data(cfg)
     with pytest.raises(UserError, match="surrogate.weights=imagenet leaves untrained for these labels"):
         pipeline.check_data({**cfg, "surrogate": {**cfg["surrogate"], "weights": "imagenet"}})
