@@ -16,6 +16,7 @@ import numpy as np
 from .comm import Comm
 from .config import config_hash
 from .diskspace import require_free
+from .em import resolve_objective
 from .generator import add_perturbation, cluster_of_index, load_perturbations, load_targets
 from .reader import ShardedDataset, chunk_rows
 from .rundir import RunDir
@@ -63,7 +64,7 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     source = data.manifest
     manifest = {**source, "dataset": f"{source['dataset']}-protected",
                 "source": {"file": str(cfg["data_dir"]), "md5": None},
-                "extra": {**source.get("extra", {}), "protection": protection_record(cfg, comm, run)}}
+                "extra": {**source.get("extra", {}), "protection": protection_record(cfg, comm, run, source["task"])}}
     others = [s for s in source["splits"] if s != "train"]
     with ShardSetWriter(run.protected, comm, overwrite=True) as writer:
         for j, (images, labels, index) in enumerate(data.local_chunks(rows)):  # one chunk in memory
@@ -154,10 +155,12 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
     return refine_chunk
 
 
-def protection_record(cfg: dict, comm: Comm, run: RunDir) -> dict:
-    """What the manifest says about how the data was protected."""
+def protection_record(cfg: dict, comm: Comm, run: RunDir, task: str) -> dict:
+    """What the manifest says about how the data was protected (``em_objective``: the objective
+    method=em ran, ``auto`` resolved for this ``task``; absent for the other methods)."""
     surrogate = cfg["surrogate"]
-    return {"method": METHODS[cfg["method"]].title, "epsilon": cfg["epsilon"], "norm": cfg["norm"],
+    em = {"em_objective": resolve_objective(cfg["em"]["objective"], task)} if cfg["method"] == "em" else {}
+    return {**em, "method": METHODS[cfg["method"]].title, "epsilon": cfg["epsilon"], "norm": cfg["norm"],
             "clusters": cfg["clusters"], "target": cfg["generator"]["target"],
             "augment": cfg["generator"]["augment"],
             "boundary": cfg["generator"]["boundary"], "refine_steps": cfg["refine"]["steps"],

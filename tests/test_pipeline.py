@@ -206,7 +206,9 @@ def test_em_method_end_to_end(finished_run, tmp_path):
     comm, moved = start(other)
     for stage in ("train", "export"):
         run_stage(stage, other, comm, moved)
-    assert verify(moved.protected)["extra"]["protection"]["method"] == "error-minimising-noise"
+    record = verify(moved.protected)["extra"]["protection"]
+    assert record["method"] == "error-minimising-noise"
+    assert record["em_objective"] == "targeted"  # auto, resolved on single-label data
     assert stat.S_IMODE(moved.perturbations.stat().st_mode) == 0o600 and not (moved.root / "em-parts").exists()
     clean, _, index = read_whole_split(cfg["data_dir"], "train")
     prot, _, prot_index = read_whole_split(moved.protected, "train")
