@@ -108,7 +108,9 @@ DEFAULTS: dict[str, Any] = {
         "steps": 0,               # projected signed-gradient steps of UC's loss per image (0: off)
         "step_size": 0.25,        # per step, as a fraction of epsilon
         "objective": "uc",        # uc: UC's own loss (KL to the cluster's target); targeted: the
-    },                            # surrogate's loss of the next class, y + 1 (single-label sets)
+                                  # surrogate's loss of the next class, y + 1 (single-label sets)
+        "augment": False,         # the ue victim's crop + flip drawn afresh at every step (an
+    },                            # expectation), per image from (seed, sample id, step)
     "victim": {                   # MedMNIST v2's protocol by default
         "arch": "resnet18",
         "stem": "auto",           # auto (small for <= 64 px) | small | standard
@@ -196,6 +198,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "em.step_size": ("number", 0, 1), "em.stop_accuracy": ("number", 0, 1), "em.augment": ("bool", None, None),
     "em.lr": ("number", 0, INF), "em.weight_decay": ("number", 0, INF), "em.adam_lr": ("number", 0, INF),
     "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
+    "refine.augment": ("bool", None, None),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
     "victim.milestones": ("list", None, None), "victim.micro_batch": ("int", 0, INF),
@@ -343,6 +346,8 @@ def validate(cfg: dict) -> None:
     if cfg["refine"]["objective"] != "uc" and cfg["refine"]["steps"] == 0:
         raise UserError(f"refine.objective={cfg['refine']['objective']} applies to method=uc with refine.steps > 0 "
                         f"(0 refines nothing)")
+    if cfg["refine"]["augment"] and cfg["refine"]["steps"] == 0:
+        raise UserError("refine.augment applies to method=uc with refine.steps > 0 (0 refines nothing)")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

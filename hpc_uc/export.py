@@ -24,6 +24,8 @@ from .npz_stream import CHUNK_BYTES, write_medmnist_npz
 from .shards import ShardSetWriter, partition
 from .stages import METHODS
 
+REFINE_AUGMENT = 14  # refine.augment's stream of randomness, drawn from the seed
+
 
 def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
             boundary: str = "clip") -> np.ndarray:
@@ -124,7 +126,7 @@ def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: in
         clusters = labels[:, 0] if cluster_of is None else cluster_of[index]
         delta = delta_of(clusters, index)
         if refine_step is not None:
-            delta = refine_step(images, delta, clusters, labels)
+            delta = refine_step(images, delta, clusters, labels, index)
         return protect(images, delta, cfg["epsilon"], cfg["norm"], cfg["generator"]["boundary"])
 
     return perturb
@@ -132,11 +134,12 @@ def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: in
 
 def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
     """Per-sample refinement of perturbations (hpc_uc.refine), as
-    ``(images, delta, clusters, labels) -> delta``, lowering ``refine.objective``'s loss."""
+    ``(images, delta, clusters, labels, index) -> delta``, lowering ``refine.objective``'s loss
+    (with ``refine.augment``, its expectation over the ue victim's crop and flip)."""
     import torch
     import torch.nn.functional as F
 
-    from .refine import cluster_target_loss, next_class_loss, refine
+    from .refine import cluster_target_loss, keyed_augment, next_class_loss, refine
     from .surrogate import load_frozen_surrogate
 
     surrogate = load_frozen_surrogate(cfg, run, manifest, comm.device)
@@ -147,11 +150,13 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
         targets = torch.from_numpy(load_targets(run.perturbations))
         probs = F.softmax(centroids[targets], dim=1).to(comm.device)
 
-    def refine_chunk(images: np.ndarray, delta: np.ndarray, clusters: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def refine_chunk(images: np.ndarray, delta: np.ndarray, clusters: np.ndarray, labels: np.ndarray,
+                     index: np.ndarray) -> np.ndarray:
         loss = (next_class_loss(labels, manifest["num_classes"]) if r["objective"] == "targeted"
                 else cluster_target_loss(probs, clusters))
+        augment = keyed_augment(index, cfg["seed"] + REFINE_AUGMENT) if r["augment"] else None
         return refine(surrogate, images, delta, loss, cfg["epsilon"], cfg["norm"], r["steps"], r["step_size"],
-                      comm.device, boundary=cfg["generator"]["boundary"])
+                      comm.device, boundary=cfg["generator"]["boundary"], augment=augment)
     return refine_chunk
 
 
@@ -164,7 +169,7 @@ def protection_record(cfg: dict, comm: Comm, run: RunDir, task: str) -> dict:
             "clusters": cfg["clusters"], "target": cfg["generator"]["target"],
             "augment": cfg["generator"]["augment"],
             "boundary": cfg["generator"]["boundary"], "refine_steps": cfg["refine"]["steps"],
-            "refine_objective": cfg["refine"]["objective"],
+            "refine_objective": cfg["refine"]["objective"], "refine_augment": cfg["refine"]["augment"],
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import augment_keys, keyed_crop_flip
 from .generator import add_perturbation, kl_to_target
 
 # (logits, features, rows) -> each image's loss; rows: the chunk's slice the batch came from
 ImageLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+# (x + delta, rows, step) -> the batch as the surrogate sees it at that step
+StepAugment = Callable[[torch.Tensor, slice, int], torch.Tensor]
 
 
 def cluster_target_loss(target_probs: torch.Tensor, clusters: np.ndarray) -> ImageLoss:
@@ -58,13 +61,15 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
 
 def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, image_loss: ImageLoss,
            epsilon: float, norm: str, steps: int, step_size: float,
-           device: torch.device, batch: int = 256, boundary: str = "clip") -> np.ndarray:
+           device: torch.device, batch: int = 256, boundary: str = "clip",
+           augment: StepAugment | None = None) -> np.ndarray:
     """Refined N x H x W x C perturbations for uint8 N x H x W x C ``images``.
 
     ``delta`` holds each image's cluster perturbation (N x H x W x C), ``image_loss`` the loss
     each step lowers (:func:`cluster_target_loss`, :func:`next_class_loss`), ``step_size`` a
     fraction of epsilon per step. The result is the delta itself (within the ball); export adds
-    it under ``boundary``.
+    it under ``boundary``. ``augment`` (:func:`keyed_augment`), if given, transforms x + delta
+    before every step's forward pass: the loss is then an expectation over the augmentation.
     """
     out = np.empty_like(delta, dtype=np.float32)
     for lo in range(0, len(images), batch):
@@ -72,9 +77,10 @@ def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, image_lo
         d = torch.from_numpy(np.ascontiguousarray(delta[lo:lo + batch])).to(device).permute(0, 3, 1, 2).float()
         rows = slice(lo, lo + len(x))
         d = project(d, epsilon, norm)
-        for _ in range(steps):
+        for step in range(steps):
             d.requires_grad_(True)
-            logits, feats = surrogate(add_perturbation(x, d, boundary))
+            inputs = add_perturbation(x, d, boundary)
+            logits, feats = surrogate(inputs if augment is None else augment(inputs, rows, step))
             grad, = torch.autograd.grad(image_loss(logits, feats, rows).sum(), d)
             with torch.no_grad():
                 if norm == "linf":
@@ -84,3 +90,12 @@ def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, image_lo
                 d = project(d - step, epsilon, norm)
         out[lo:lo + batch] = d.detach().permute(0, 2, 3, 1).cpu().numpy()
     return out
+
+
+def keyed_augment(index: np.ndarray, seed: int, padding: int = 4) -> StepAugment:
+    """The ue victim's crop and flip for :func:`refine`, image ``index[i]``'s draws at each step
+    from (``seed``, its sample id, the step) alone, so that refinement stays the same on any
+    number of ranks (``index``: the chunk's sample ids)."""
+    def augment(inputs: torch.Tensor, rows: slice, step: int) -> torch.Tensor:
+        return keyed_crop_flip(inputs, augment_keys(seed, index[rows], step), padding)
+    return augment

@@ -45,3 +45,31 @@ def test_large_images_get_resized_crops_of_the_same_size():
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
     assert not torch.equal(out, x) and not torch.equal(out, x.flip(-1))
     assert torch.equal(out, crop_flip(x, epoch_generator(0, 0, 0)))
+
+
+def test_keyed_draws_depend_on_the_image_key_alone():
+    """refine.augment's crop + flip: image i's draws come from its key only (any batch, any
+    rank), each draw a shift inside the zero border and a flip about half the time."""
+    from hpc_uc.augment import augment_keys, keyed_crop_flip
+
+    x = batch(n=200, c=1, size=12)
+    ids = torch.arange(1000, 1200).numpy()
+    whole = keyed_crop_flip(x, augment_keys(3, ids, step=7))
+    parts = torch.cat([keyed_crop_flip(x[i:i + 37], augment_keys(3, ids[i:i + 37], step=7)) for i in range(0, 200, 37)])
+    assert torch.equal(whole, parts)
+    reordered = keyed_crop_flip(x.flip(0), augment_keys(3, ids[::-1].copy(), step=7))
+    assert torch.equal(reordered, whole.flip(0))
+    for other in (augment_keys(4, ids, 7), augment_keys(3, ids, 8), augment_keys(3, ids + 1, 7)):
+        assert not torch.equal(keyed_crop_flip(x, other), whole)
+    padded = F.pad(x, (4,) * 4)
+    offsets, flips = set(), 0
+    for i in range(200):
+        windows = {(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
+                   if torch.equal(whole[i], (lambda w: w.flip(-1) if f else w)(padded[i, :, dy:dy + 12, dx:dx + 12]))}
+        assert len(windows) == 1
+        dy, dx, f = windows.pop()
+        offsets.add((dy, dx)); flips += f
+    assert len(offsets) > 40 and 70 < flips < 130
+    big = batch(n=4, c=3, size=96)
+    out = keyed_crop_flip(big, augment_keys(0, ids[:4], 0))
+    assert out.shape == big.shape and not torch.equal(out, big) and 0 <= out.min() and out.max() <= 1

@@ -181,6 +181,42 @@ def test_classwise_noise_is_within_budget_and_seeded():
     assert torch.allclose(l2.flatten(1).norm(dim=1), torch.full((2,), 0.5))
 
 
+def test_augmented_refinement_is_an_expectation_and_the_same_in_any_batch(surrogate):
+    """refine.augment: every step's loss is taken through the ue victim's crop and flip, drawn
+    per image from (seed, sample id, step), so a chunk split across ranks refines the same; it
+    moves delta differently from the plain loss, and its expected next-class loss is lower."""
+    from hpc_uc.augment import augment_keys, keyed_crop_flip
+    from hpc_uc.refine import keyed_augment
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (10, 28, 28, 1), dtype=np.uint8)
+    labels = (np.arange(10) % 3).reshape(-1, 1)
+    ids = np.arange(500, 510)
+    eps, start = 16 / 255, np.zeros((10, 28, 28, 1), np.float32)
+    loss, cpu = next_class_loss(labels, 3), torch.device("cpu")
+    out = refine(surrogate, images, start, loss, eps, "linf", 5, 0.25, cpu, augment=keyed_augment(ids, seed=9))
+    assert np.abs(out).max() <= eps + 1e-6
+    halves = [refine(surrogate, images[s], start[s], next_class_loss(labels[s], 3), eps, "linf", 5, 0.25, cpu,
+                     augment=keyed_augment(ids[s], seed=9)) for s in (slice(0, 4), slice(4, 10))]
+    assert np.allclose(out, np.concatenate(halves), atol=1e-6)
+    plain = refine(surrogate, images, start, loss, eps, "linf", 5, 0.25, cpu)
+    assert not np.allclose(out, plain, atol=1e-3)
+
+    def expected_loss(delta):  # over 16 fresh draws of the augmentation
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        inputs = (x + torch.from_numpy(delta).permute(0, 3, 1, 2)).clamp(0, 1)
+        following = torch.from_numpy((labels[:, 0] + 1) % 3)
+        return np.mean([F.cross_entropy(surrogate(keyed_crop_flip(inputs, augment_keys(77, ids, s)))[0],
+                                        following).item() for s in range(16)])
+    assert expected_loss(out) < expected_loss(start)
+
+
+def test_refine_augment_needs_steps():
+    with pytest.raises(UserError, match="refine.augment applies to method=uc with refine.steps > 0"):
+        load_config(None, ["refine.augment=true"])
+    assert load_config(None, ["refine.augment=true", "refine.steps=2"])["refine"]["augment"] is True
+
+
 def test_classwise_refuses_refine():
     with pytest.raises(UserError, match="refine.steps refines UC"):
         load_config(None, ["method=classwise", "refine.steps=3"])
