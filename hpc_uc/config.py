@@ -105,11 +105,14 @@ DEFAULTS: dict[str, Any] = {
         "chunk_mib": 64,          # float32 working memory per export chunk (one shard per chunk)
     },
     "refine": {                   # per-sample refinement of the cluster delta at export
-        "steps": 0,               # projected signed-gradient steps of UC's loss per image (0: off)
-        "step_size": 0.25,        # per step, as a fraction of epsilon
-        "objective": "uc",        # uc: UC's own loss (KL to the cluster's target); targeted: the
-                                  # surrogate's loss of the next class, y + 1 (single-label sets)
-        "augment": False,         # the ue victim's crop + flip drawn afresh at every step (an
+        "steps": "auto",          # projected signed-gradient steps per image (0: off) | auto:
+                                  # 200 where the targeted objective applies (method=uc, one class
+                                  # per image, a surrogate head trained on the labels), else 0
+        "step_size": 0.1,         # per step, as a fraction of epsilon
+        "objective": "auto",      # uc: UC's own loss (KL to the cluster's target); targeted: the
+                                  # surrogate's loss of the next class, y + 1 (single-label sets) |
+                                  # auto: targeted where it applies (as above), else uc
+        "augment": True,          # the ue victim's crop + flip drawn afresh at every step (an
     },                            # expectation), per image from (seed, sample id, step)
     "victim": {                   # MedMNIST v2's protocol by default
         "arch": "resnet18",
@@ -166,7 +169,7 @@ CHOICES = {
     "em.init": ("uniform", "classwise"),
     "em.optimizer": ("sgd", "adam"),
     "em.objective": ("auto", "min", "targeted"),
-    "refine.objective": ("uc", "targeted"),
+    "refine.objective": ("auto", "uc", "targeted"),
     "victim.stem": ("auto", "small", "standard"),
     "victim.select": ("auc", "acc"),
     "victim.input_norm": ("medmnist", "imagenet"),
@@ -175,7 +178,8 @@ CHOICES = {
     "generator.boundary": ("clip", "reflect"),
 }
 INF = float("inf")
-# Every other leaf key: (kind, lowest, highest); kind is int | number | bool | text | list, and
+# Every other leaf key: (kind, lowest, highest); kind is int | int? (or null) | int|auto | number |
+# bool | text | list, and
 # None in a bound means open. One table, checked before any work (tests keep it complete).
 RULES: dict[str, tuple[str, float | None, float | None]] = {
     "dataset": ("text", None, None), "data_dir": ("text", None, None), "run_dir": ("text", None, None),
@@ -197,7 +201,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "em.restart_every": ("int", 0, INF), "em.patch": ("int", 1, INF),
     "em.step_size": ("number", 0, 1), "em.stop_accuracy": ("number", 0, 1), "em.augment": ("bool", None, None),
     "em.lr": ("number", 0, INF), "em.weight_decay": ("number", 0, INF), "em.adam_lr": ("number", 0, INF),
-    "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int", 0, INF), "refine.step_size": ("number", 0, INF),
+    "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int|auto", 0, INF), "refine.step_size": ("number", 0, INF),
     "refine.augment": ("bool", None, None),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
@@ -289,9 +293,9 @@ def _checked(key: str, value: Any) -> Any:
     """``value`` if it is of ``key``'s kind and range (a number written as text, e.g. 1e-3, is
     read as one); otherwise a UserError naming the key and what it takes."""
     kind, low, high = RULES[key]
-    wants = {"int": "an integer", "int?": "an integer or null", "number": "a number", "bool": "true or false",
-             "text": "a non-empty string", "list": "a list"}[kind]
-    if kind == "int?" and value is None:
+    wants = {"int": "an integer", "int?": "an integer or null", "int|auto": "an integer or auto",
+             "number": "a number", "bool": "true or false", "text": "a non-empty string", "list": "a list"}[kind]
+    if (kind == "int?" and value is None) or (kind == "int|auto" and value == "auto"):
         return value
     if kind == "number" and isinstance(value, str):
         try:
@@ -300,6 +304,7 @@ def _checked(key: str, value: Any) -> Any:
             pass
     ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
           "int?": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "int|auto": lambda v: isinstance(v, int) and not isinstance(v, bool),
           "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v,
           "bool": lambda v: isinstance(v, bool), "text": lambda v: isinstance(v, str) and v.strip() != "",
           "list": lambda v: isinstance(v, list)}[kind](value)
@@ -341,13 +346,11 @@ def validate(cfg: dict) -> None:
                         f"{', '.join(PROTOCOLS)}, not {protocols!r}")
     if cfg["method"] in ("ar", "em") and cfg["tile"] > 0:
         raise UserError(f"tile repeats a uc or classwise perturbation; set it to 0 for method={cfg['method']}")
-    if cfg["method"] != "uc" and cfg["refine"]["steps"] > 0:
+    steps = cfg["refine"]["steps"]
+    if cfg["method"] != "uc" and steps != "auto" and steps > 0:
         raise UserError(f"refine.steps refines UC's cluster perturbations; set it to 0 for method={cfg['method']}")
-    if cfg["refine"]["objective"] != "uc" and cfg["refine"]["steps"] == 0:
-        raise UserError(f"refine.objective={cfg['refine']['objective']} applies to method=uc with refine.steps > 0 "
-                        f"(0 refines nothing)")
-    if cfg["refine"]["augment"] and cfg["refine"]["steps"] == 0:
-        raise UserError("refine.augment applies to method=uc with refine.steps > 0 (0 refines nothing)")
+    if cfg["refine"]["objective"] == "targeted" and steps == 0:
+        raise UserError("refine.objective=targeted applies to method=uc with refine.steps > 0 (0 refines nothing)")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

@@ -17,6 +17,7 @@ from .comm import Comm
 from .config import config_hash
 from .diskspace import require_free
 from .em import resolve_objective
+from .refine import resolve_refinement
 from .generator import add_perturbation, cluster_of_index, load_perturbations, load_targets
 from .reader import ShardedDataset, chunk_rows
 from .rundir import RunDir
@@ -81,8 +82,10 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
                     writer.write(split, *chunk, shard_id=i, num_shards=shards)
                 clean.close()
         writer.commit(manifest)
-    if comm.is_root and cfg["refine"]["steps"] > 0:
-        print(f"export: refined each image's perturbation with {cfg['refine']['steps']} steps", flush=True)
+    steps, objective = resolve_refinement(cfg, source["task"])
+    if comm.is_root and steps > 0:
+        print(f"export: refined each image's perturbation with {steps} steps of the {objective} objective"
+              + (" through the ue victim's crop and flip" if cfg["refine"]["augment"] else ""), flush=True)
     if comm.is_root:
         if cfg["export"]["npz"]:  # streamed from the shards just written: one chunk in memory
             write_medmnist_npz(run.protected_npz, run.protected)
@@ -116,8 +119,9 @@ def perturbation_source(cfg: dict, run: RunDir, size: int) -> Callable[[np.ndarr
 def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: int):
     """``perturb(images, labels, index) -> protected uint8 images`` for one chunk of this rank's
     training images: each image's δ (:func:`perturbation_source`), refined per image when
-    ``refine.steps`` > 0 (hpc_uc.refine; the surrogate is loaded once), added and quantised."""
-    refine_step = refiner(cfg, run, manifest, comm) if cfg["refine"]["steps"] > 0 else None
+    ``refine.steps`` (resolved) > 0 (hpc_uc.refine; the surrogate is loaded once), added and quantised."""
+    steps, objective = resolve_refinement(cfg, manifest["task"])
+    refine_step = refiner(cfg, run, manifest, comm, steps, objective) if steps > 0 else None
     needs_clusters = "cluster" in METHODS[cfg["method"]].stages
     cluster_of = cluster_of_index(run.clusters) if needs_clusters else None
     delta_of = perturbation_source(cfg, run, size)
@@ -132,10 +136,10 @@ def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: in
     return perturb
 
 
-def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
+def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, objective: str):
     """Per-sample refinement of perturbations (hpc_uc.refine), as
-    ``(images, delta, clusters, labels, index) -> delta``, lowering ``refine.objective``'s loss
-    (with ``refine.augment``, its expectation over the ue victim's crop and flip)."""
+    ``(images, delta, clusters, labels, index) -> delta``: ``steps`` steps lowering
+    ``objective``'s loss (with ``refine.augment``, its expectation over the ue victim's crop and flip)."""
     import torch
     import torch.nn.functional as F
 
@@ -144,7 +148,7 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
 
     surrogate = load_frozen_surrogate(cfg, run, manifest, comm.device)
     r = cfg["refine"]
-    if r["objective"] == "uc":  # each cluster's target distribution
+    if objective == "uc":  # each cluster's target distribution
         with np.load(run.clusters) as data:
             centroids = torch.from_numpy(data["centroids"]).float()
         targets = torch.from_numpy(load_targets(run.perturbations))
@@ -152,24 +156,26 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm):
 
     def refine_chunk(images: np.ndarray, delta: np.ndarray, clusters: np.ndarray, labels: np.ndarray,
                      index: np.ndarray) -> np.ndarray:
-        loss = (next_class_loss(labels, manifest["num_classes"]) if r["objective"] == "targeted"
+        loss = (next_class_loss(labels, manifest["num_classes"]) if objective == "targeted"
                 else cluster_target_loss(probs, clusters))
         augment = keyed_augment(index, cfg["seed"] + REFINE_AUGMENT) if r["augment"] else None
-        return refine(surrogate, images, delta, loss, cfg["epsilon"], cfg["norm"], r["steps"], r["step_size"],
+        return refine(surrogate, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
                       comm.device, boundary=cfg["generator"]["boundary"], augment=augment)
     return refine_chunk
 
 
 def protection_record(cfg: dict, comm: Comm, run: RunDir, task: str) -> dict:
-    """What the manifest says about how the data was protected (``em_objective``: the objective
-    method=em ran, ``auto`` resolved for this ``task``; absent for the other methods)."""
+    """What the manifest says about how the data was protected, ``auto`` settings resolved for
+    this ``task`` (``refine_*``: the refinement export ran, objective null without one;
+    ``em_objective``: the objective method=em ran, absent for the other methods)."""
     surrogate = cfg["surrogate"]
     em = {"em_objective": resolve_objective(cfg["em"]["objective"], task)} if cfg["method"] == "em" else {}
+    steps, objective = resolve_refinement(cfg, task)
     return {**em, "method": METHODS[cfg["method"]].title, "epsilon": cfg["epsilon"], "norm": cfg["norm"],
             "clusters": cfg["clusters"], "target": cfg["generator"]["target"],
             "augment": cfg["generator"]["augment"],
-            "boundary": cfg["generator"]["boundary"], "refine_steps": cfg["refine"]["steps"],
-            "refine_objective": cfg["refine"]["objective"], "refine_augment": cfg["refine"]["augment"],
+            "boundary": cfg["generator"]["boundary"], "refine_steps": steps,
+            "refine_objective": objective if steps else None, "refine_augment": cfg["refine"]["augment"] and steps > 0,
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

@@ -21,11 +21,34 @@ from torch import nn
 
 from .augment import augment_keys, keyed_crop_flip
 from .generator import add_perturbation, kl_to_target
+from .shards import is_multilabel
+
+AUTO_STEPS = 200  # refine.steps=auto where the targeted objective applies (docs/efficacy.md)
 
 # (logits, features, rows) -> each image's loss; rows: the chunk's slice the batch came from
 ImageLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 # (x + delta, rows, step) -> the batch as the surrogate sees it at that step
 StepAugment = Callable[[torch.Tensor, slice, int], torch.Tensor]
+
+
+def targeted_applies(cfg: dict, task: str) -> bool:
+    """Whether the next-class objective is defined here: method=uc, one class per image, and a
+    surrogate whose head was trained on these labels (not surrogate.weights=imagenet's)."""
+    return cfg["method"] == "uc" and not is_multilabel(task) and cfg["surrogate"]["weights"] != "imagenet"
+
+
+def resolve_refinement(cfg: dict, task: str) -> tuple[int, str]:
+    """(steps, objective) as export runs them: ``refine.objective=auto`` is ``targeted`` where
+    :func:`targeted_applies`, else ``uc``; ``refine.steps=auto`` is :data:`AUTO_STEPS` when the
+    objective is then ``targeted`` and method=uc, else 0 (no refinement: UC's cluster delta)."""
+    r = cfg["refine"]
+    objective = r["objective"]
+    if objective == "auto":
+        objective = "targeted" if targeted_applies(cfg, task) else "uc"
+    steps = r["steps"]
+    if steps == "auto":
+        steps = AUTO_STEPS if cfg["method"] == "uc" and objective == "targeted" else 0
+    return steps, objective
 
 
 def cluster_target_loss(target_probs: torch.Tensor, clusters: np.ndarray) -> ImageLoss:

@@ -127,7 +127,8 @@ def single_rank():
 
 TINY = ["profile=fast", "backend=mpi", "surrogate.epochs=1", "surrogate.stem=standard",
         "generator.epochs=2", "generator.base_filters=8", "generator.n_blocks=1",
-        "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1", "victim.stem=standard", "batch_size=64"]
+        "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1", "victim.stem=standard", "batch_size=64",
+        "refine.steps=0"]  # refine.steps=auto takes 200 steps per image; tests that refine say so
 
 
 def tiny_config(data_dir, run_dir, *extra: str) -> dict:

@@ -397,8 +397,9 @@ def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
 
 
 def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finished_run, tmp_path):
-    """refine.objective=targeted: the export refines each image toward the surrogate's next
-    class (its loss of y + 1 falls against the unrefined export) and records the objective."""
+    """refine.objective=auto on single-label data is targeted: the export refines each image
+    toward the surrogate's next class (its loss of y + 1 falls against the unrefined export and
+    UC's own loss), by default through the crop-and-flip expectation, and records what it ran."""
     import shutil
 
     import torch
@@ -410,13 +411,16 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
 
     cfg, run = finished_run
     exported = {}
-    for objective in ("targeted", "uc"):
-        shutil.copytree(run.root, tmp_path / objective)
-        other = tiny_config(cfg["data_dir"], tmp_path / objective, "refine.steps=3", f"refine.objective={objective}")
-        comm, exported[objective] = start(other)
-        run_stage("export", other, comm, exported[objective])
-    manifest = read_manifest(exported["targeted"].protected)
-    assert manifest["extra"]["protection"]["refine_objective"] == "targeted"
+    for name, overrides in {"auto": [], "plain": ["refine.augment=false"],
+                            "uc": ["refine.objective=uc", "refine.augment=false"]}.items():
+        shutil.copytree(run.root, tmp_path / name)
+        other = tiny_config(cfg["data_dir"], tmp_path / name, "refine.steps=3", "refine.step_size=0.25", *overrides)
+        comm, exported[name] = start(other)
+        run_stage("export", other, comm, exported[name])
+    manifest = read_manifest(exported["auto"].protected)
+    record = manifest["extra"]["protection"]
+    assert (record["refine_steps"], record["refine_objective"], record["refine_augment"]) == (3, "targeted", True)
+    assert read_manifest(run.protected)["extra"]["protection"]["refine_objective"] is None  # steps 0: none ran
     surrogate = load_frozen_surrogate(cfg, run, manifest, torch.device("cpu"))
 
     def next_class_loss(directory) -> float:
@@ -426,9 +430,13 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
             logits = surrogate(x)[0]
         return float(F.cross_entropy(logits, torch.from_numpy((labels[:, 0] + 1) % manifest["num_classes"])))
 
-    targeted = next_class_loss(exported["targeted"].protected)
-    assert targeted < next_class_loss(run.protected) - 0.05  # unrefined
+    unrefined, targeted = next_class_loss(run.protected), next_class_loss(exported["plain"].protected)
+    assert targeted < unrefined - 0.05
     assert targeted < next_class_loss(exported["uc"].protected) - 0.05  # UC's own loss, as many steps
+    expected = next_class_loss(exported["auto"].protected)  # steps taken through crops and flips
+    assert expected < unrefined
+    assert not np.array_equal(read_whole_split(exported["auto"].protected, "train")[0],
+                              read_whole_split(exported["plain"].protected, "train")[0])
 
 
 def test_floor_victims_are_reported_and_kept_with_the_clean_ones(finished_run, tmp_path, capsys):

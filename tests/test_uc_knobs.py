@@ -211,10 +211,27 @@ def test_augmented_refinement_is_an_expectation_and_the_same_in_any_batch(surrog
     assert expected_loss(out) < expected_loss(start)
 
 
-def test_refine_augment_needs_steps():
-    with pytest.raises(UserError, match="refine.augment applies to method=uc with refine.steps > 0"):
-        load_config(None, ["refine.augment=true"])
-    assert load_config(None, ["refine.augment=true", "refine.steps=2"])["refine"]["augment"] is True
+def test_refinement_auto_is_targeted_where_it_applies_and_off_elsewhere():
+    """refine.steps/objective=auto (the defaults): 200 targeted steps for method=uc on
+    single-label data with a surrogate head trained on its labels; UC's cluster delta alone on
+    multi-label data, with surrogate.weights=imagenet and for the other methods; explicit
+    settings pass through."""
+    from hpc_uc.refine import AUTO_STEPS, resolve_refinement
+
+    def plan(task, *overrides):
+        return resolve_refinement(load_config(None, list(overrides)), task)
+
+    assert AUTO_STEPS == 200
+    assert plan("multi-class") == (200, "targeted") and plan("binary-class") == (200, "targeted")
+    assert plan("multi-label, binary-class") == (0, "uc")
+    assert plan("multi-class", "surrogate.weights=imagenet") == (0, "uc")
+    assert plan("multi-class", "method=em") == (0, "uc") and plan("multi-class", "method=classwise") == (0, "uc")
+    assert plan("multi-class", "refine.objective=uc") == (0, "uc")
+    assert plan("multi-label, binary-class", "refine.steps=5") == (5, "uc")
+    assert plan("multi-class", "refine.steps=7", "refine.objective=uc") == (7, "uc")
+    assert plan("multi-class", "refine.steps=0") == (0, "targeted")
+    with pytest.raises(UserError, match="refine.steps must be an integer or auto"):
+        load_config(None, ["refine.steps=many"])
 
 
 def test_classwise_refuses_refine():
@@ -226,7 +243,7 @@ def test_targeted_refinement_refuses_zero_steps_multilabel_data_and_an_untrained
     from hpc_uc import pipeline
 
     with pytest.raises(UserError, match="refine.objective=targeted applies to method=uc with refine.steps > 0"):
-        load_config(None, ["refine.objective=targeted"])
+        load_config(None, ["refine.objective=targeted", "refine.steps=0"])
     fake_manifest(monkeypatch, "multi-label, binary-class")
     cfg = load_config(None, ["refine.objective=targeted", "refine.steps=3", f"data_dir={tmp_path}"])
     with pytest.raises(UserError, match="refine.objective=targeted needs one class per image"):
