@@ -382,7 +382,7 @@ def digits_data(tmp_path_factory) -> Path:
 
 # As small as the pipeline allows: the launchers are under test, not the method.
 EVALUATES = (REPO / "hpc_uc" / "evaluate.py").exists()  # the last stage, still being written
-TINY = ["surrogate.epochs=0", "clusters=2", "generator.epochs=1", "generator.base_filters=8",
+TINY = ["surrogate.epochs=0", "clusters=2", "generator.epochs=1", "generator.base_filters=8", "refine.steps=0",
         "generator.n_blocks=1", "generator.train_on=cluster", *(["victim.epochs=1", "victim.ue.epochs=1"] if EVALUATES else [])]
 
 

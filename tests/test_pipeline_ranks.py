@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from hpc_uc.shards import verify
 
 TINY = ["profile=fast", "surrogate.epochs=1", "surrogate.stem=standard", "generator.base_filters=8",
         "generator.n_blocks=1", "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1", "victim.stem=standard",
-        "batch_size=64"]
+        "batch_size=64", "refine.steps=0"]  # refinement (auto: 200 steps per image) where a test asks
 CONFIG = str(REPO / "configs" / "digits.yaml")
 
 
@@ -75,6 +76,32 @@ def test_one_and_two_ranks_agree(clustered, digits_dir, tmp_path):
     a, b = delta(one).ravel(), delta(two).ravel()
     cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert cosine > 0.9, cosine
+
+
+def test_refined_export_is_the_same_on_one_and_two_ranks(clustered, digits_dir, tmp_path):
+    """The default refinement (targeted, through crops and flips drawn per sample id) gives each
+    image the same protected pixels whichever rank and chunk exports it."""
+    from hpc_uc.reader import ShardedDataset
+
+    common = [*TINY, "generator.epochs=1", "backend=torch", f"data_dir={digits_dir}"]
+    trained = copy_run(clustered, tmp_path / "trained")
+    assert hpc_uc(["train", CONFIG, *common, f"run_dir={trained}"]).returncode == 0
+    images = {}
+    for ranks in (1, 2):
+        run = tmp_path / f"export{ranks}"
+        shutil.copytree(trained, run)
+        proc = hpc_uc(["export", CONFIG, *common, "refine.steps=3", "refine.step_size=0.25",
+                       "export.chunk_mib=0.5", f"run_dir={run}"], np=ranks)
+        assert proc.returncode == 0, proc.stderr
+        record = verify(run / "protected")["extra"]["protection"]
+        assert (record["refine_objective"], record["refine_augment"]) == ("targeted", True)
+        images[ranks] = ShardedDataset(run / "protected", "train", None, full=True).local_arrays()[0]
+    unrefined = tmp_path / "unrefined"
+    shutil.copytree(trained, unrefined)
+    assert hpc_uc(["export", CONFIG, *common, f"run_dir={unrefined}"]).returncode == 0
+    plain = ShardedDataset(unrefined / "protected", "train", None, full=True).local_arrays()[0]
+    assert (images[1] != plain).mean() > 0.05  # refinement moved many pixels
+    assert (images[1] == images[2]).mean() > 0.999, (images[1] != images[2]).mean()
 
 
 def test_killed_rank_ends_job_and_resume_matches(clustered, digits_dir, tmp_path):
@@ -190,7 +217,8 @@ def test_224px_rgb_pipeline_on_two_ranks(tmp_path):
                    "surrogate.epochs=1", "surrogate.stem=standard", "generator.epochs=1", "generator.base_filters=8",
                    "generator.n_blocks=1", "generator.train_on=cluster", "victim.epochs=1", "victim.ue.epochs=1",
                    "victim.stem=standard", "evaluate.recalibrate_samples=4", "backend=torch",
-                   "export.chunk_mib=2"], np=2)  # 3 images per export chunk: 4 shards per rank
+                   "export.chunk_mib=2", "refine.steps=1"], np=2)  # 3 images per export chunk: 4 shards
+                                                                    # per rank; refined through resized crops
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and 0 < results["linf"] <= 16 / 255 + 1e-6 and results["ssim"] < 1
