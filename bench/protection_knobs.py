@@ -10,6 +10,10 @@ and prints ROOT/knobs.md (mean ± sd over seeds).
         --common "profile=fast" --variant "today=" \\
         --variant "deep=generator.target=cross_class generator.augment=true refine.steps=5"
 
+(Since session 20 ``method=uc`` refines every image at export by default, ``refine.steps: auto``;
+a variant written before then, such as ``today=``, reads ``refine.steps=0`` today, and
+``refine.steps=5`` then meant ``refine.objective=uc refine.step_size=0.25 refine.augment=false``.)
+
 ``--no-surrogate`` when every variant is ``method=em`` (which trains its own model): no base run,
 the variants share only the clean victims.
 

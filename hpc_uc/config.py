@@ -349,8 +349,9 @@ def validate(cfg: dict) -> None:
     steps = cfg["refine"]["steps"]
     if cfg["method"] != "uc" and steps != "auto" and steps > 0:
         raise UserError(f"refine.steps refines UC's cluster perturbations; set it to 0 for method={cfg['method']}")
-    if cfg["refine"]["objective"] == "targeted" and steps == 0:
-        raise UserError("refine.objective=targeted applies to method=uc with refine.steps > 0 (0 refines nothing)")
+    if cfg["refine"]["objective"] != "auto" and (steps == 0 or cfg["method"] != "uc"):
+        raise UserError(f"refine.objective={cfg['refine']['objective']} applies to method=uc with refine.steps > 0 "
+                        f"(leave it auto otherwise)")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

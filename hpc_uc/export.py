@@ -26,6 +26,7 @@ from .shards import ShardSetWriter, partition
 from .stages import METHODS
 
 REFINE_AUGMENT = 14  # refine.augment's stream of randomness, drawn from the seed
+REFINE_BATCH = 256   # images per refinement forward-backward unless surrogate.micro_batch bounds it
 
 
 def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
@@ -63,11 +64,12 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     chunks = [-(-(stop - start) // rows) for start, stop in  # each rank's shard count, for global ids
               (partition(data.num_samples, comm.size, r, True) for r in range(comm.size))]
     first, total = sum(chunks[:comm.rank]), max(1, sum(chunks))
-    perturb = chunk_protector(cfg, run, data.manifest, comm, data.image_size)
+    plan = resolve_refinement(cfg, data.manifest["task"])  # (steps, objective)
+    perturb = chunk_protector(cfg, run, data.manifest, comm, data.image_size, plan)
     source = data.manifest
     manifest = {**source, "dataset": f"{source['dataset']}-protected",
                 "source": {"file": str(cfg["data_dir"]), "md5": None},
-                "extra": {**source.get("extra", {}), "protection": protection_record(cfg, comm, run, source["task"])}}
+                "extra": {**source.get("extra", {}), "protection": protection_record(cfg, comm, run, source["task"], plan)}}
     others = [s for s in source["splits"] if s != "train"]
     with ShardSetWriter(run.protected, comm, overwrite=True) as writer:
         for j, (images, labels, index) in enumerate(data.local_chunks(rows)):  # one chunk in memory
@@ -82,7 +84,7 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
                     writer.write(split, *chunk, shard_id=i, num_shards=shards)
                 clean.close()
         writer.commit(manifest)
-    steps, objective = resolve_refinement(cfg, source["task"])
+    steps, objective = plan
     if comm.is_root and steps > 0:
         print(f"export: refined each image's perturbation with {steps} steps of the {objective} objective"
               + (" through the ue victim's crop and flip" if cfg["refine"]["augment"] else ""), flush=True)
@@ -116,11 +118,12 @@ def perturbation_source(cfg: dict, run: RunDir, size: int) -> Callable[[np.ndarr
     return lambda clusters, index: table[clusters]
 
 
-def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: int):
+def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: int, plan: tuple[int, str]):
     """``perturb(images, labels, index) -> protected uint8 images`` for one chunk of this rank's
-    training images: each image's δ (:func:`perturbation_source`), refined per image when
-    ``refine.steps`` (resolved) > 0 (hpc_uc.refine; the surrogate is loaded once), added and quantised."""
-    steps, objective = resolve_refinement(cfg, manifest["task"])
+    training images: each image's δ (:func:`perturbation_source`), refined per image when the
+    ``plan``'s steps (hpc_uc.refine.resolve_refinement) > 0 (the surrogate is loaded once), added
+    and quantised."""
+    steps, objective = plan
     refine_step = refiner(cfg, run, manifest, comm, steps, objective) if steps > 0 else None
     needs_clusters = "cluster" in METHODS[cfg["method"]].stages
     cluster_of = cluster_of_index(run.clusters) if needs_clusters else None
@@ -158,24 +161,28 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
                      index: np.ndarray) -> np.ndarray:
         loss = (next_class_loss(labels, manifest["num_classes"]) if objective == "targeted"
                 else cluster_target_loss(probs, clusters))
-        augment = keyed_augment(index, cfg["seed"] + REFINE_AUGMENT) if r["augment"] else None
+        augment = (keyed_augment(index, cfg["seed"] + REFINE_AUGMENT, cfg["victim"]["ue"]["crop_padding"])
+                   if r["augment"] else None)
         return refine(surrogate, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
-                      comm.device, boundary=cfg["generator"]["boundary"], augment=augment)
+                      comm.device, batch=cfg["surrogate"]["micro_batch"] or REFINE_BATCH,
+                      boundary=cfg["generator"]["boundary"], augment=augment)
     return refine_chunk
 
 
-def protection_record(cfg: dict, comm: Comm, run: RunDir, task: str) -> dict:
+def protection_record(cfg: dict, comm: Comm, run: RunDir, task: str, plan: tuple[int, str]) -> dict:
     """What the manifest says about how the data was protected, ``auto`` settings resolved for
-    this ``task`` (``refine_*``: the refinement export ran, objective null without one;
+    this ``task`` (``refine_*``: the refinement export ran, ``plan`` = (steps, objective);
+    objective and step size null without one;
     ``em_objective``: the objective method=em ran, absent for the other methods)."""
     surrogate = cfg["surrogate"]
     em = {"em_objective": resolve_objective(cfg["em"]["objective"], task)} if cfg["method"] == "em" else {}
-    steps, objective = resolve_refinement(cfg, task)
+    steps, objective = plan
     return {**em, "method": METHODS[cfg["method"]].title, "epsilon": cfg["epsilon"], "norm": cfg["norm"],
             "clusters": cfg["clusters"], "target": cfg["generator"]["target"],
             "augment": cfg["generator"]["augment"],
             "boundary": cfg["generator"]["boundary"], "refine_steps": steps,
             "refine_objective": objective if steps else None, "refine_augment": cfg["refine"]["augment"] and steps > 0,
+            "refine_step_size": cfg["refine"]["step_size"] if steps else None,
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

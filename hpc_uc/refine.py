@@ -1,14 +1,17 @@
-"""Per-sample refinement of the cluster perturbation (`refine.steps` > 0, at export).
+"""Per-sample refinement of the cluster perturbation at export (`refine.*`; by default 200
+targeted steps where each image has one class, docs/algorithm.md step 4).
 
-Starting from delta_k of the image's cluster, a few projected signed-gradient steps lower a
+Starting from delta_k of the image's cluster, projected signed-gradient steps lower a
 per-image loss through the frozen surrogate, then project back into the budget (|delta| <=
 epsilon for linf, ||delta||_2 <= epsilon for l2). The loss (`refine.objective`) is either the
 one UC trains its generators on -- KL(softmax(centroid_t(k)) || softmax(f(x + delta))) -- or
 the surrogate's cross-entropy of the *next* class, y + 1 mod classes: adversarial poisoning
 (Fowl et al., NeurIPS 2021) on top of the cluster perturbation, with the surrogate UC already
-trained on the clean images as the attacked model. Each image's result depends only on that
-image, its label or cluster, its cluster's delta and the surrogate, so it is the same on any
-number of ranks.
+trained on the clean images as the attacked model. With `refine.augment` every step sees
+x + delta through the ue victim's crop and flip, drawn from (seed, sample id, step). Each
+image's result depends only on that image, its label or cluster, its sample id, its cluster's
+delta, the seed and the surrogate, so it is the same on any number of ranks (up to float
+rounding in the surrogate's batched convolutions).
 """
 from __future__ import annotations
 
@@ -39,15 +42,16 @@ def targeted_applies(cfg: dict, task: str) -> bool:
 
 def resolve_refinement(cfg: dict, task: str) -> tuple[int, str]:
     """(steps, objective) as export runs them: ``refine.objective=auto`` is ``targeted`` where
-    :func:`targeted_applies`, else ``uc``; ``refine.steps=auto`` is :data:`AUTO_STEPS` when the
-    objective is then ``targeted`` and method=uc, else 0 (no refinement: UC's cluster delta)."""
+    :func:`targeted_applies`, else ``uc``; ``refine.steps=auto`` is :data:`AUTO_STEPS` for
+    method=uc with an objective given or resolved to ``targeted``, else 0 (UC's cluster delta
+    alone: auto refines nothing on multi-label data or with surrogate.weights=imagenet)."""
     r = cfg["refine"]
     objective = r["objective"]
     if objective == "auto":
         objective = "targeted" if targeted_applies(cfg, task) else "uc"
     steps = r["steps"]
-    if steps == "auto":
-        steps = AUTO_STEPS if cfg["method"] == "uc" and objective == "targeted" else 0
+    if steps == "auto":  # refines where the objective was asked for or auto found it defined
+        steps = AUTO_STEPS if cfg["method"] == "uc" and (r["objective"] != "auto" or objective == "targeted") else 0
     return steps, objective
 
 
@@ -107,15 +111,15 @@ def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, image_lo
             grad, = torch.autograd.grad(image_loss(logits, feats, rows).sum(), d)
             with torch.no_grad():
                 if norm == "linf":
-                    step = grad.sign() * (step_size * epsilon)
+                    move = grad.sign() * (step_size * epsilon)
                 else:
-                    step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * (step_size * epsilon)
-                d = project(d - step, epsilon, norm)
+                    move = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * (step_size * epsilon)
+                d = project(d - move, epsilon, norm)
         out[lo:lo + batch] = d.detach().permute(0, 2, 3, 1).cpu().numpy()
     return out
 
 
-def keyed_augment(index: np.ndarray, seed: int, padding: int = 4) -> StepAugment:
+def keyed_augment(index: np.ndarray, seed: int, padding: int) -> StepAugment:
     """The ue victim's crop and flip for :func:`refine`, image ``index[i]``'s draws at each step
     from (``seed``, its sample id, the step) alone, so that refinement stays the same on any
     number of ranks (``index``: the chunk's sample ids)."""

@@ -1,6 +1,7 @@
 """The UE protocol's batched crop + flip: correct pixels, and deterministic per (seed, rank, epoch)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +74,15 @@ def test_keyed_draws_depend_on_the_image_key_alone():
     big = batch(n=4, c=3, size=96)
     out = keyed_crop_flip(big, augment_keys(0, ids[:4], 0))
     assert out.shape == big.shape and not torch.equal(out, big) and 0 <= out.min() and out.max() <= 1
+
+
+def test_seeded_draws_are_pinned():
+    """The ue victim's augmentation is what every measured figure was trained with: its draws
+    from (seed, rank, epoch) must not move when the code around them does (checksums taken
+    before the draws were split from their application, session 20)."""
+    torch.manual_seed(0)
+    small, large = torch.rand(8, 3, 28, 28), torch.rand(4, 3, 96, 96)
+    a = crop_flip(small, epoch_generator(1, 0, 2))
+    b = crop_flip(large, epoch_generator(1, 0, 3))
+    assert float(a.double().sum()) == pytest.approx(8269.379005789757, abs=1e-9)
+    assert float(b.double().sum()) == pytest.approx(55230.74709724379, abs=1e-6)

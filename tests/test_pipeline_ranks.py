@@ -220,6 +220,8 @@ def test_224px_rgb_pipeline_on_two_ranks(tmp_path):
                    "export.chunk_mib=2", "refine.steps=1"], np=2)  # 3 images per export chunk: 4 shards
                                                                     # per rank; refined through resized crops
     assert proc.returncode == 0, proc.stderr[-3000:]
+    record = verify(run / "protected")["extra"]["protection"]
+    assert (record["refine_steps"], record["refine_objective"], record["refine_augment"]) == (1, "targeted", True)
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and 0 < results["linf"] <= 16 / 255 + 1e-6 and results["ssim"] < 1
     with np.load(run / "protected.npz") as npz:

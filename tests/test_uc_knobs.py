@@ -194,10 +194,10 @@ def test_augmented_refinement_is_an_expectation_and_the_same_in_any_batch(surrog
     ids = np.arange(500, 510)
     eps, start = 16 / 255, np.zeros((10, 28, 28, 1), np.float32)
     loss, cpu = next_class_loss(labels, 3), torch.device("cpu")
-    out = refine(surrogate, images, start, loss, eps, "linf", 5, 0.25, cpu, augment=keyed_augment(ids, seed=9))
+    out = refine(surrogate, images, start, loss, eps, "linf", 5, 0.25, cpu, augment=keyed_augment(ids, seed=9, padding=4))
     assert np.abs(out).max() <= eps + 1e-6
     halves = [refine(surrogate, images[s], start[s], next_class_loss(labels[s], 3), eps, "linf", 5, 0.25, cpu,
-                     augment=keyed_augment(ids[s], seed=9)) for s in (slice(0, 4), slice(4, 10))]
+                     augment=keyed_augment(ids[s], seed=9, padding=4)) for s in (slice(0, 4), slice(4, 10))]
     assert np.allclose(out, np.concatenate(halves), atol=1e-6)
     plain = refine(surrogate, images, start, loss, eps, "linf", 5, 0.25, cpu)
     assert not np.allclose(out, plain, atol=1e-3)
@@ -226,12 +226,17 @@ def test_refinement_auto_is_targeted_where_it_applies_and_off_elsewhere():
     assert plan("multi-label, binary-class") == (0, "uc")
     assert plan("multi-class", "surrogate.weights=imagenet") == (0, "uc")
     assert plan("multi-class", "method=em") == (0, "uc") and plan("multi-class", "method=classwise") == (0, "uc")
-    assert plan("multi-class", "refine.objective=uc") == (0, "uc")
+    assert plan("multi-class", "refine.objective=uc") == (200, "uc")  # asked for: refined
+    assert plan("multi-label, binary-class", "refine.objective=uc") == (200, "uc")
     assert plan("multi-label, binary-class", "refine.steps=5") == (5, "uc")
     assert plan("multi-class", "refine.steps=7", "refine.objective=uc") == (7, "uc")
     assert plan("multi-class", "refine.steps=0") == (0, "targeted")
     with pytest.raises(UserError, match="refine.steps must be an integer or auto"):
         load_config(None, ["refine.steps=many"])
+    for overrides in (["method=em", "refine.objective=targeted"], ["method=ar", "refine.objective=uc"],
+                      ["refine.objective=uc", "refine.steps=0"]):  # an objective that would refine nothing
+        with pytest.raises(UserError, match="applies to method=uc with refine.steps > 0"):
+            load_config(None, overrides)
 
 
 def test_classwise_refuses_refine():
