@@ -26,7 +26,6 @@ from .shards import ShardSetWriter, partition
 from .stages import METHODS
 
 REFINE_AUGMENT = 14  # refine.augment's stream of randomness, drawn from the seed
-REFINE_BATCH = 256   # images per refinement forward-backward unless surrogate.micro_batch bounds it
 
 
 def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
@@ -69,7 +68,7 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
     source = data.manifest
     manifest = {**source, "dataset": f"{source['dataset']}-protected",
                 "source": {"file": str(cfg["data_dir"]), "md5": None},
-                "extra": {**source.get("extra", {}), "protection": protection_record(cfg, comm, run, source["task"], plan)}}
+                "extra": {**source.get("extra", {}), "protection": protection_record(cfg, comm, source["task"], plan)}}
     others = [s for s in source["splits"] if s != "train"]
     with ShardSetWriter(run.protected, comm, overwrite=True) as writer:
         for j, (images, labels, index) in enumerate(data.local_chunks(rows)):  # one chunk in memory
@@ -146,7 +145,7 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
     import torch
     import torch.nn.functional as F
 
-    from .refine import cluster_target_loss, keyed_augment, next_class_loss, refine
+    from .refine import BATCH, cluster_target_loss, keyed_augment, next_class_loss, refine
     from .surrogate import load_frozen_surrogate
 
     surrogate = load_frozen_surrogate(cfg, run, manifest, comm.device)
@@ -164,12 +163,12 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
         augment = (keyed_augment(index, cfg["seed"] + REFINE_AUGMENT, cfg["victim"]["ue"]["crop_padding"])
                    if r["augment"] else None)
         return refine(surrogate, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
-                      comm.device, batch=cfg["surrogate"]["micro_batch"] or REFINE_BATCH,
+                      comm.device, batch=cfg["surrogate"]["micro_batch"] or BATCH,
                       boundary=cfg["generator"]["boundary"], augment=augment)
     return refine_chunk
 
 
-def protection_record(cfg: dict, comm: Comm, run: RunDir, task: str, plan: tuple[int, str]) -> dict:
+def protection_record(cfg: dict, comm: Comm, task: str, plan: tuple[int, str]) -> dict:
     """What the manifest says about how the data was protected, ``auto`` settings resolved for
     this ``task`` (``refine_*``: the refinement export ran, ``plan`` = (steps, objective);
     objective and step size null without one;

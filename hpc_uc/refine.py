@@ -25,8 +25,10 @@ from torch import nn
 from .augment import augment_keys, keyed_crop_flip
 from .generator import add_perturbation, kl_to_target
 from .shards import is_multilabel
+from .stages import head_trained_on_labels
 
 AUTO_STEPS = 200  # refine.steps=auto where the targeted objective applies (docs/efficacy.md)
+BATCH = 256       # images per forward-backward unless the caller bounds it (surrogate.micro_batch)
 
 # (logits, features, rows) -> each image's loss; rows: the chunk's slice the batch came from
 ImageLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
@@ -37,7 +39,7 @@ StepAugment = Callable[[torch.Tensor, slice, int], torch.Tensor]
 def targeted_applies(cfg: dict, task: str) -> bool:
     """Whether the next-class objective is defined here: method=uc, one class per image, and a
     surrogate whose head was trained on these labels (not surrogate.weights=imagenet's)."""
-    return cfg["method"] == "uc" and not is_multilabel(task) and cfg["surrogate"]["weights"] != "imagenet"
+    return cfg["method"] == "uc" and not is_multilabel(task) and head_trained_on_labels(cfg)
 
 
 def resolve_refinement(cfg: dict, task: str) -> tuple[int, str]:
@@ -88,7 +90,7 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
 
 def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, image_loss: ImageLoss,
            epsilon: float, norm: str, steps: int, step_size: float,
-           device: torch.device, batch: int = 256, boundary: str = "clip",
+           device: torch.device, batch: int = BATCH, boundary: str = "clip",
            augment: StepAugment | None = None) -> np.ndarray:
     """Refined N x H x W x C perturbations for uint8 N x H x W x C ``images``.
 

@@ -144,6 +144,12 @@ def _check_em(em: dict, manifest: dict, data_dir: str) -> None:
             _refuse_multilabel(f"em.{key}={value}", manifest, data_dir, f"em.{key}={instead}")
 
 
+def head_trained_on_labels(cfg: dict) -> bool:
+    """Whether the surrogate's classifier head is trained on the data's labels: not with
+    surrogate.weights=imagenet (a PATH may hold a head trained on them)."""
+    return cfg["surrogate"]["weights"] != "imagenet"
+
+
 def _check_export(cfg: dict, manifest: dict) -> None:
     """refine.objective=targeted aims each image at the next class of the surrogate's own
     classifier: one class per image, and a classifier head trained on these labels (not
@@ -151,7 +157,7 @@ def _check_export(cfg: dict, manifest: dict) -> None:
     if cfg["refine"]["objective"] != "targeted":
         return
     _refuse_multilabel("refine.objective=targeted", manifest, cfg["data_dir"], "refine.objective=uc")
-    if cfg["surrogate"]["weights"] == "imagenet":  # a PATH may hold a head trained on these labels
+    if not head_trained_on_labels(cfg):
         raise UserError("refine.objective=targeted attacks the surrogate's classifier, which surrogate.weights="
                         "imagenet leaves untrained for these labels (use surrogate.weights=pretrain, or a PATH "
                         "to a surrogate trained on them)")
