@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "min_val_acc": 0.5,       # warn loudly below this clean validation accuracy
         "micro_batch": 0,         # images per forward per rank (0: the whole local batch);
                                   # gradients accumulate, one all-reduce per step
+        "snapshots": 0,           # also keep the weights at this many evenly spaced earlier epochs
+                                  # (pretrain only): the refinement then steps through them in
+                                  # training order before the final surrogate (0: final only)
     },
     "kmeans": {"iters": 100, "tol": 1e-4, "init_sample": 10000},
     "generator": {
@@ -191,6 +194,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "surrogate.lr": ("number", 0, INF), "surrogate.weight_decay": ("number", 0, INF),
     "surrogate.batch_size": ("int", 1, INF), "surrogate.input_size": ("int?", 8, INF),
     "surrogate.min_val_acc": ("number", 0, 1), "surrogate.micro_batch": ("int", 0, INF),
+    "surrogate.snapshots": ("int", 0, INF),
     "kmeans.iters": ("int", 1, INF), "kmeans.tol": ("number", 0, INF), "kmeans.init_sample": ("int", 1, INF),
     "generator.epochs": ("int", 0, INF), "generator.lr": ("number", 0, INF),
     "generator.min_lr": ("number", 0, INF), "generator.weight_decay": ("number", 0, INF),
@@ -352,6 +356,10 @@ def validate(cfg: dict) -> None:
     if cfg["refine"]["objective"] != "auto" and (steps == 0 or cfg["method"] != "uc"):
         raise UserError(f"refine.objective={cfg['refine']['objective']} applies to method=uc with refine.steps > 0 "
                         f"(leave it auto otherwise)")
+    snapshots, sur = cfg["surrogate"]["snapshots"], cfg["surrogate"]
+    if snapshots and (sur["weights"] != "pretrain" or snapshots >= sur["epochs"]):
+        raise UserError(f"surrogate.snapshots={snapshots} keeps earlier epochs of surrogate training: it needs "
+                        f"surrogate.weights=pretrain and fewer snapshots than surrogate.epochs ({sur['epochs']})")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

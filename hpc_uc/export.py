@@ -146,9 +146,9 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
     import torch.nn.functional as F
 
     from .refine import BATCH, cluster_target_loss, keyed_augment, next_class_loss, refine
-    from .surrogate import load_frozen_surrogate
+    from .surrogate import load_trajectory
 
-    surrogate = load_frozen_surrogate(cfg, run, manifest, comm.device)
+    models = load_trajectory(cfg, run, manifest, comm.device)
     r = cfg["refine"]
     if objective == "uc":  # each cluster's target distribution
         with np.load(run.clusters) as data:
@@ -162,7 +162,7 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
                 else cluster_target_loss(probs, clusters))
         augment = (keyed_augment(index, cfg["seed"] + REFINE_AUGMENT, cfg["victim"]["ue"]["crop_padding"])
                    if r["augment"] else None)
-        return refine(surrogate, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
+        return refine(models, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
                       comm.device, batch=cfg["surrogate"]["micro_batch"] or BATCH,
                       boundary=cfg["generator"]["boundary"], augment=augment)
     return refine_chunk
@@ -182,6 +182,7 @@ def protection_record(cfg: dict, comm: Comm, task: str, plan: tuple[int, str]) -
             "boundary": cfg["generator"]["boundary"], "refine_steps": steps,
             "refine_objective": objective if steps else None, "refine_augment": cfg["refine"]["augment"] and steps > 0,
             "refine_step_size": cfg["refine"]["step_size"] if steps else None,
+            "refine_snapshots": cfg["surrogate"]["snapshots"] if steps else None,
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

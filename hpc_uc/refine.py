@@ -7,15 +7,16 @@ epsilon for linf, ||delta||_2 <= epsilon for l2). The loss (`refine.objective`) 
 one UC trains its generators on -- KL(softmax(centroid_t(k)) || softmax(f(x + delta))) -- or
 the surrogate's cross-entropy of the *next* class, y + 1 mod classes: adversarial poisoning
 (Fowl et al., NeurIPS 2021) on top of the cluster perturbation, with the surrogate UC already
-trained on the clean images as the attacked model. With `refine.augment` every step sees
+trained on the clean images as the attacked model (with ``surrogate.snapshots``, the
+surrogate at several epochs of its training in turn, then the trained one). With `refine.augment` every step sees
 x + delta through the ue victim's crop and flip, drawn from (seed, sample id, step). Each
 image's result depends only on that image, its label or cluster, its sample id, its cluster's
-delta, the seed and the surrogate, so it is the same on any number of ranks (up to float
+delta, the seed and the surrogate(s), so it is the same on any number of ranks (up to float
 rounding in the surrogate's batched convolutions).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -88,12 +89,20 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
     return delta * (epsilon / size).clamp(max=1.0)
 
 
-def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, image_loss: ImageLoss,
+def model_at(models: Sequence[nn.Module], step: int, steps: int) -> nn.Module:
+    """The model step ``step`` of ``steps`` attacks: ``models`` (a surrogate's training
+    trajectory, oldest first) in equal blocks of steps, in order -- as em's noise meets its model
+    round after round."""
+    return models[step * len(models) // steps]
+
+
+def refine(models: Sequence[nn.Module], images: np.ndarray, delta: np.ndarray, image_loss: ImageLoss,
            epsilon: float, norm: str, steps: int, step_size: float,
            device: torch.device, batch: int = BATCH, boundary: str = "clip",
            augment: StepAugment | None = None) -> np.ndarray:
     """Refined N x H x W x C perturbations for uint8 N x H x W x C ``images``.
 
+    ``models``: the frozen surrogate alone, or its training trajectory (:func:`model_at`).
     ``delta`` holds each image's cluster perturbation (N x H x W x C), ``image_loss`` the loss
     each step lowers (:func:`cluster_target_loss`, :func:`next_class_loss`), ``step_size`` a
     fraction of epsilon per step. The result is the delta itself (within the ball); export adds
@@ -109,7 +118,7 @@ def refine(surrogate: nn.Module, images: np.ndarray, delta: np.ndarray, image_lo
         for step in range(steps):
             d.requires_grad_(True)
             inputs = add_perturbation(x, d, boundary)
-            logits, feats = surrogate(inputs if augment is None else augment(inputs, rows, step))
+            logits, feats = model_at(models, step, steps)(inputs if augment is None else augment(inputs, rows, step))
             grad, = torch.autograd.grad(image_loss(logits, feats, rows).sum(), d)
             with torch.no_grad():
                 if norm == "linf":

@@ -51,6 +51,7 @@ class RunDir:
         self.root = Path(root)
 
     surrogate = property(lambda self: self.root / "surrogate.pt")
+    surrogate_snapshots = property(lambda self: self.root / "surrogate_snapshots.pt")
     surrogate_info = property(lambda self: self.root / "surrogate.json")
     clusters = property(lambda self: self.root / "clusters.npz")
     checkpoint = property(lambda self: self.root / "generators" / "checkpoint.pt")

@@ -471,3 +471,31 @@ def test_floor_victims_are_reported_and_kept_with_the_clean_ones(finished_run, t
     out = capsys.readouterr().out
     assert out.count("reused from clean_victims.json") == 2
     assert json.loads(moved.results.read_text())["protocols"]["medmnist"]["floor"] == floor
+
+
+def test_surrogate_snapshots_are_kept_owner_only_and_refined_through(digits_dir, tmp_path):
+    """surrogate.snapshots: the surrogate stage keeps the chosen earlier epochs (rank 0, owner
+    only: with the seed they regenerate the perturbations), export refines through them (and
+    refuses without them), the manifest says so, and a run without snapshots removes a stale file."""
+    import torch
+
+    from hpc_uc.atomic import load_torch
+    from hpc_uc.pipeline import run_stage
+    from hpc_uc.shards import read_manifest
+
+    cfg = tiny_config(digits_dir, tmp_path / "snap", "surrogate.epochs=2", "surrogate.snapshots=1", "refine.steps=2")
+    comm, run = start(cfg)
+    run_all(cfg, comm, run, stages=("surrogate", "cluster", "train", "export"))
+    snapshots, final = load_torch(run.surrogate_snapshots), load_torch(run.surrogate)
+    assert [s["epoch"] for s in snapshots] == [1]
+    assert stat.S_IMODE(run.surrogate_snapshots.stat().st_mode) == 0o600
+    assert any(not torch.equal(snapshots[0]["state"][k], final[k]) for k in final if final[k].is_floating_point())
+    assert json.loads(run.surrogate_info.read_text())["snapshot_epochs"] == [1]
+    assert read_manifest(run.protected)["extra"]["protection"]["refine_snapshots"] == 1
+    run.surrogate_snapshots.unlink()
+    with pytest.raises(UserError, match="surrogate_snapshots.pt is missing"):
+        run_stage("export", cfg, comm, run)
+    run.surrogate_snapshots.write_bytes(b"stale")
+    plain = tiny_config(digits_dir, tmp_path / "snap", "surrogate.epochs=2")
+    run_stage("surrogate", plain, *start(plain))
+    assert not run.surrogate_snapshots.exists()

@@ -17,7 +17,8 @@ from hpc_uc.errors import UserError
 from hpc_uc.export import protect
 from hpc_uc.generator import add_perturbation, choose_targets, kl_to_target
 from hpc_uc.models import ResNetWithFeature
-from hpc_uc.refine import cluster_target_loss, next_class_loss, refine
+from hpc_uc.refine import cluster_target_loss, model_at, next_class_loss, refine
+from hpc_uc.surrogate import snapshot_epochs
 
 # three clusters on a line: 0 and 1 close together (class 0), 2 far away (class 1)
 CENTROIDS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
@@ -75,13 +76,51 @@ def test_refinement_stays_in_budget_lowers_the_loss_and_ignores_batching(surroga
         return kl_to_target(surrogate((x + d).clamp(0, 1))[1], target[torch.from_numpy(clusters)]).mean()
 
     uc_loss = cluster_target_loss(target, clusters)
-    out = refine(surrogate, images, start, uc_loss, eps, "linf", 5, 0.25, torch.device("cpu"))
+    out = refine([surrogate], images, start, uc_loss, eps, "linf", 5, 0.25, torch.device("cpu"))
     assert np.abs(out).max() <= eps + 1e-6
     assert loss(out) < loss(start) - 1e-3
-    halves = refine(surrogate, images, start, uc_loss, eps, "linf", 5, 0.25, torch.device("cpu"), batch=5)
+    halves = refine([surrogate], images, start, uc_loss, eps, "linf", 5, 0.25, torch.device("cpu"), batch=5)
     assert np.allclose(out, halves, atol=1e-6)
-    l2 = refine(surrogate, images, start * 0.01, uc_loss, 1.0, "l2", 3, 0.5, torch.device("cpu"))
+    l2 = refine([surrogate], images, start * 0.01, uc_loss, 1.0, "l2", 3, 0.5, torch.device("cpu"))
     assert np.linalg.norm(l2.reshape(12, -1), axis=1).max() <= 1.0 + 1e-5
+
+
+def test_snapshot_epochs_are_evenly_spaced_before_the_last():
+    assert snapshot_epochs(30, 4) == (6, 12, 18, 24)
+    assert snapshot_epochs(30, 9) == (3, 6, 9, 12, 15, 18, 21, 24, 27)
+    assert snapshot_epochs(10, 9) == tuple(range(1, 10))
+    assert snapshot_epochs(5, 0) == ()
+
+
+def test_model_schedule_goes_through_the_trajectory_in_equal_blocks():
+    models = ["epoch 3", "epoch 6", "final"]
+    assert [model_at(models, s, 6) for s in range(6)] == ["epoch 3"] * 2 + ["epoch 6"] * 2 + ["final"] * 2
+    assert [model_at(models, s, 4) for s in range(4)] == ["epoch 3", "epoch 3", "epoch 6", "final"]
+    assert {model_at(["only"], s, 200) for s in range(200)} == {"only"}
+
+
+def test_refinement_through_a_trajectory_attacks_each_model_in_turn(surrogate):
+    """Two models, four steps: two steps against the first, then two against the second from
+    there -- not the second alone, not the other order."""
+    torch.manual_seed(5)
+    other = ResNetWithFeature("resnet18", 3, 1, small_stem=False).eval().requires_grad_(False)
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
+    labels = (np.arange(6) % 3).reshape(-1, 1)
+    eps, start, cpu = 16 / 255, np.zeros((6, 28, 28, 1), np.float32), torch.device("cpu")
+    loss = next_class_loss(labels, 3)
+    both = refine([surrogate, other], images, start, loss, eps, "linf", 4, 0.25, cpu)
+    halfway = refine([surrogate], images, start, loss, eps, "linf", 2, 0.25, cpu)
+    assert np.allclose(both, refine([other], images, halfway, loss, eps, "linf", 2, 0.25, cpu), atol=1e-6)
+    assert not np.allclose(both, refine([other], images, start, loss, eps, "linf", 4, 0.25, cpu), atol=1e-3)
+    assert not np.allclose(both, refine([other, surrogate], images, start, loss, eps, "linf", 4, 0.25, cpu), atol=1e-3)
+
+
+@pytest.mark.parametrize("overrides", [["surrogate.snapshots=2", "surrogate.weights=imagenet"],
+                                       ["surrogate.snapshots=4", "surrogate.epochs=4"]])
+def test_snapshots_need_a_trained_surrogate_with_more_epochs(overrides):
+    with pytest.raises(UserError, match="surrogate.snapshots=.* needs surrogate.weights=pretrain and fewer"):
+        load_config(None, overrides)
 
 
 def test_targeted_refinement_aims_each_image_at_the_next_class(surrogate):
@@ -98,12 +137,12 @@ def test_targeted_refinement_aims_each_image_at_the_next_class(surrogate):
         logits = head((x + torch.from_numpy(delta).permute(0, 3, 1, 2)).clamp(0, 1))[0]
         return F.cross_entropy(logits, torch.from_numpy(classes), reduction="none")
 
-    out = refine(head, images, start, next_class_loss(labels, 3), eps, "linf", 5, 0.25, torch.device("cpu"))
+    out = refine([head], images, start, next_class_loss(labels, 3), eps, "linf", 5, 0.25, torch.device("cpu"))
     assert np.abs(out).max() <= eps + 1e-6
     following, own = (labels[:, 0] + 1) % 3, labels[:, 0]
     assert (loss_of(out, following) < loss_of(start, following)).all()
     assert loss_of(out, own).mean() > loss_of(start, own).mean()
-    halves = refine(head, images, start, next_class_loss(labels, 3), eps, "linf", 5, 0.25, torch.device("cpu"),
+    halves = refine([head], images, start, next_class_loss(labels, 3), eps, "linf", 5, 0.25, torch.device("cpu"),
                     batch=4)
     assert np.allclose(out, halves, atol=1e-6)
 
@@ -194,12 +233,12 @@ def test_augmented_refinement_is_an_expectation_and_the_same_in_any_batch(surrog
     ids = np.arange(500, 510)
     eps, start = 16 / 255, np.zeros((10, 28, 28, 1), np.float32)
     loss, cpu = next_class_loss(labels, 3), torch.device("cpu")
-    out = refine(surrogate, images, start, loss, eps, "linf", 5, 0.25, cpu, augment=keyed_augment(ids, seed=9, padding=4))
+    out = refine([surrogate], images, start, loss, eps, "linf", 5, 0.25, cpu, augment=keyed_augment(ids, seed=9, padding=4))
     assert np.abs(out).max() <= eps + 1e-6
-    halves = [refine(surrogate, images[s], start[s], next_class_loss(labels[s], 3), eps, "linf", 5, 0.25, cpu,
+    halves = [refine([surrogate], images[s], start[s], next_class_loss(labels[s], 3), eps, "linf", 5, 0.25, cpu,
                      augment=keyed_augment(ids[s], seed=9, padding=4)) for s in (slice(0, 4), slice(4, 10))]
     assert np.allclose(out, np.concatenate(halves), atol=1e-6)
-    plain = refine(surrogate, images, start, loss, eps, "linf", 5, 0.25, cpu)
+    plain = refine([surrogate], images, start, loss, eps, "linf", 5, 0.25, cpu)
     assert not np.allclose(out, plain, atol=1e-3)
 
     def expected_loss(delta):  # over 16 fresh draws of the augmentation
