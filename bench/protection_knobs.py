@@ -67,7 +67,8 @@ def seed_run_dir(base: Path, target: Path) -> None:
         shutil.copy2(base / "clean_victims.json", target / "clean_victims.json")
     if not (base / "stages.json").is_file():
         return
-    for name in SEED_FILES:
+    kept = ("surrogate_snapshots.pt",) if (base / "surrogate_snapshots.pt").is_file() else ()  # surrogate.snapshots
+    for name in SEED_FILES + kept:
         shutil.copy2(base / name, target / name)
     done = json.loads((base / "stages.json").read_text())
     keep = {k: v for k, v in done.items() if k in ("surrogate", "cluster")}

@@ -33,8 +33,12 @@ def shared_stages(cfg: dict) -> tuple[str, ...]:
 
 
 def shared_files(cfg: dict) -> tuple[str, ...]:
-    """What the shared stages leave, copied into every point."""
-    return tuple(rel for name in shared_stages(cfg) for rel in STAGES[name].artifacts)
+    """What the shared stages leave, copied into every point (with ``surrogate.snapshots``, the
+    kept epochs too: the points' refinement goes through them)."""
+    files = tuple(rel for name in shared_stages(cfg) for rel in STAGES[name].artifacts)
+    if "surrogate" in shared_stages(cfg) and cfg["surrogate"].get("snapshots"):
+        files += (RunDir("").surrogate_snapshots.name,)
+    return files
 
 
 def parse_ints(text: str, flag: str, minimum: int) -> list[int]:

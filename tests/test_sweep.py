@@ -97,3 +97,9 @@ def test_stale_point_gets_the_new_shared_files_and_recomputes(tmp_path):
     write_json(point.root / "stages.json", {**point.completed(), "train": "z"})
     seed_point(shared, point, cfg)  # the same files: the later stages stay done
     assert "train" in point.completed()
+
+
+def test_points_get_the_surrogate_snapshots_when_kept():
+    cfg = {"method": "uc", "surrogate": {"snapshots": 0}}
+    assert "surrogate_snapshots.pt" not in shared_files(cfg)
+    assert "surrogate_snapshots.pt" in shared_files({**cfg, "surrogate": {"snapshots": 3}})
