@@ -53,8 +53,8 @@ DEFAULTS: dict[str, Any] = {
         "micro_batch": 0,         # images per forward per rank (0: the whole local batch);
                                   # gradients accumulate, one all-reduce per step
         "snapshots": 0,           # also keep the weights at this many evenly spaced earlier epochs
-                                  # (pretrain only): the refinement then steps through them in
-                                  # training order before the final surrogate (0: final only)
+                                  # (pretrain only): the targeted refinement then steps through
+                                  # them in training order before the final surrogate (0: final only)
     },
     "kmeans": {"iters": 100, "tol": 1e-4, "init_sample": 10000},
     "generator": {

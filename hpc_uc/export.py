@@ -138,6 +138,12 @@ def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: in
     return perturb
 
 
+def through_snapshots(objective: str) -> bool:
+    """Whether the refinement goes through the surrogate's kept epochs: the targeted objective
+    only (UC's own loss compares features with centroids of the trained surrogate's space)."""
+    return objective == "targeted"
+
+
 def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, objective: str):
     """Per-sample refinement of perturbations (hpc_uc.refine), as
     ``(images, delta, clusters, labels, index) -> delta``: ``steps`` steps lowering
@@ -148,7 +154,7 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
     from .refine import BATCH, cluster_target_loss, keyed_augment, next_class_loss, refine
     from .surrogate import load_trajectory
 
-    models = load_trajectory(cfg, run, manifest, comm.device)
+    models = load_trajectory(cfg, run, manifest, comm.device, snapshots=through_snapshots(objective))
     r = cfg["refine"]
     if objective == "uc":  # each cluster's target distribution
         with np.load(run.clusters) as data:
@@ -182,7 +188,7 @@ def protection_record(cfg: dict, comm: Comm, task: str, plan: tuple[int, str]) -
             "boundary": cfg["generator"]["boundary"], "refine_steps": steps,
             "refine_objective": objective if steps else None, "refine_augment": cfg["refine"]["augment"] and steps > 0,
             "refine_step_size": cfg["refine"]["step_size"] if steps else None,
-            "refine_snapshots": cfg["surrogate"]["snapshots"] if steps else None,
+            "refine_snapshots": cfg["surrogate"]["snapshots"] if steps and through_snapshots(objective) else None,
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

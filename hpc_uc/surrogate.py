@@ -69,11 +69,13 @@ def load_frozen_surrogate(cfg: dict, run: RunDir, manifest: dict, device: torch.
     return frozen(model, device)
 
 
-def load_trajectory(cfg: dict, run: RunDir, manifest: dict, device: torch.device) -> list[ResNetWithFeature]:
+def load_trajectory(cfg: dict, run: RunDir, manifest: dict, device: torch.device,
+                    snapshots: bool = True) -> list[ResNetWithFeature]:
     """The surrogate's kept earlier epochs (``surrogate.snapshots``) in training order, then the
-    trained surrogate, each :func:`frozen`; the trained surrogate alone without snapshots."""
+    trained surrogate, each :func:`frozen`; the trained surrogate alone without snapshots (or
+    ``snapshots`` False)."""
     models = []
-    if cfg["surrogate"]["snapshots"]:
+    if snapshots and cfg["surrogate"]["snapshots"]:
         if not run.surrogate_snapshots.is_file():
             raise UserError(f"{run.surrogate_snapshots} is missing: run `hpc-uc surrogate` again")
         for snap in load_torch(run.surrogate_snapshots):

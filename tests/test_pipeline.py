@@ -495,6 +495,10 @@ def test_surrogate_snapshots_are_kept_owner_only_and_refined_through(digits_dir,
     run.surrogate_snapshots.unlink()
     with pytest.raises(UserError, match="surrogate_snapshots.pt is missing"):
         run_stage("export", cfg, comm, run)
+    own = tiny_config(digits_dir, tmp_path / "snap", "surrogate.epochs=2", "surrogate.snapshots=1", "refine.steps=2",
+                      "refine.objective=uc")  # UC's own loss: the trained surrogate alone, no file needed
+    run_stage("export", own, comm, run)
+    assert read_manifest(run.protected)["extra"]["protection"]["refine_snapshots"] is None
     run.surrogate_snapshots.write_bytes(b"stale")
     plain = tiny_config(digits_dir, tmp_path / "snap", "surrogate.epochs=2")
     run_stage("surrogate", plain, *start(plain))
