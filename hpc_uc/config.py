@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "min_val_acc": 0.5,       # warn loudly below this clean validation accuracy
         "micro_batch": 0,         # images per forward per rank (0: the whole local batch);
                                   # gradients accumulate, one all-reduce per step
+        "augment": False,         # train it with the ue victim's crop + flip (victim.ue.crop_padding)
         "snapshots": 0,           # also keep the weights at this many evenly spaced earlier epochs
                                   # (pretrain only): the targeted refinement then steps through
                                   # them in training order before the final surrogate (0: final only)
@@ -194,7 +195,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "surrogate.lr": ("number", 0, INF), "surrogate.weight_decay": ("number", 0, INF),
     "surrogate.batch_size": ("int", 1, INF), "surrogate.input_size": ("int?", 8, INF),
     "surrogate.min_val_acc": ("number", 0, 1), "surrogate.micro_batch": ("int", 0, INF),
-    "surrogate.snapshots": ("int", 0, INF),
+    "surrogate.snapshots": ("int", 0, INF), "surrogate.augment": ("bool", None, None),
     "kmeans.iters": ("int", 1, INF), "kmeans.tol": ("number", 0, INF), "kmeans.init_sample": ("int", 1, INF),
     "generator.epochs": ("int", 0, INF), "generator.lr": ("number", 0, INF),
     "generator.min_lr": ("number", 0, INF), "generator.weight_decay": ("number", 0, INF),

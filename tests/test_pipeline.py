@@ -503,3 +503,21 @@ def test_surrogate_snapshots_are_kept_owner_only_and_refined_through(digits_dir,
     plain = tiny_config(digits_dir, tmp_path / "snap", "surrogate.epochs=2")
     run_stage("surrogate", plain, *start(plain))
     assert not run.surrogate_snapshots.exists()
+
+
+def test_surrogate_augment_trains_through_the_victims_crop_and_flip(digits_dir, tmp_path):
+    """surrogate.augment: other weights than without it, the same ones again from the same seed."""
+    import torch
+
+    from hpc_uc.atomic import load_torch
+    from hpc_uc.pipeline import run_stage
+
+    weights = {}
+    for name, extra in (("plain", []), ("augmented", ["surrogate.augment=true"]), ("again", ["surrogate.augment=true"])):
+        cfg = tiny_config(digits_dir, tmp_path / name, *extra)
+        comm, run = start(cfg)
+        run_stage("surrogate", cfg, comm, run)
+        weights[name] = load_torch(run.surrogate)
+    floats = [k for k, v in weights["plain"].items() if v.is_floating_point()]
+    assert all(torch.equal(weights["augmented"][k], weights["again"][k]) for k in floats)
+    assert any(not torch.equal(weights["augmented"][k], weights["plain"][k]) for k in floats)
