@@ -361,6 +361,9 @@ def validate(cfg: dict) -> None:
     if snapshots and (sur["weights"] != "pretrain" or snapshots >= sur["epochs"]):
         raise UserError(f"surrogate.snapshots={snapshots} keeps earlier epochs of surrogate training: it needs "
                         f"surrogate.weights=pretrain and fewer snapshots than surrogate.epochs ({sur['epochs']})")
+    if sur["augment"] and sur["weights"] != "pretrain":
+        raise UserError(f"surrogate.augment trains the surrogate; surrogate.weights={sur['weights']} is not trained here "
+                        f"(use surrogate.weights=pretrain, or leave surrogate.augment false)")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

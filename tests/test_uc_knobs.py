@@ -123,6 +123,11 @@ def test_snapshots_need_a_trained_surrogate_with_more_epochs(overrides):
         load_config(None, overrides)
 
 
+def test_surrogate_augment_needs_a_surrogate_trained_here():
+    with pytest.raises(UserError, match="surrogate.augment trains the surrogate; surrogate.weights=imagenet"):
+        load_config(None, ["surrogate.augment=true", "surrogate.weights=imagenet"])
+
+
 def test_targeted_refinement_aims_each_image_at_the_next_class(surrogate):
     """refine.objective=targeted: every step lowers the surrogate's loss of class y + 1 (not of
     y), per image, whatever the batching."""
