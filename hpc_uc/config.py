@@ -52,10 +52,12 @@ DEFAULTS: dict[str, Any] = {
         "min_val_acc": 0.5,       # warn loudly below this clean validation accuracy
         "micro_batch": 0,         # images per forward per rank (0: the whole local batch);
                                   # gradients accumulate, one all-reduce per step
-        "augment": False,         # train it with the ue victim's crop + flip (victim.ue.crop_padding)
+        "augment": False,         # train it with the ue victim's crop + flip (victim.ue.crop_padding;
+                                  # pretrain only; no deeper on BreastMNIST, docs/efficacy.md)
         "snapshots": 0,           # also keep the weights at this many evenly spaced earlier epochs
                                   # (pretrain only): the targeted refinement then steps through
-                                  # them in training order before the final surrogate (0: final only)
+                                  # them in training order before the final surrogate (0: final
+                                  # only; 9 measured no deeper on BreastMNIST, docs/efficacy.md)
     },
     "kmeans": {"iters": 100, "tol": 1e-4, "init_sample": 10000},
     "generator": {
