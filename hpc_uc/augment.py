@@ -8,7 +8,9 @@ the pixels are moved on the device, the whole batch at once.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -77,6 +79,11 @@ def resized_crop(images: torch.Tensor, area: torch.Tensor, aspect: torch.Tensor,
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sw, cx, sh, cy
     grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def victim_crop_flip(cfg: dict) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """The ue victim's :func:`crop_flip` at ``victim.ue.crop_padding``, as training's ``augment``."""
+    return functools.partial(crop_flip, padding=cfg["victim"]["ue"]["crop_padding"])
 
 
 def crop_flip(images: torch.Tensor, gen: torch.Generator, padding: int = 4) -> torch.Tensor:

@@ -18,7 +18,6 @@ per-epoch validation curves.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import time
@@ -55,7 +54,7 @@ def build_victim(cfg: dict, manifest: dict) -> ResNetClassifier:
 
 def protocol_settings(cfg: dict, protocol: str) -> dict:
     """Training arguments of one victim protocol, and whether it reports the final epoch."""
-    from .augment import crop_flip
+    from .augment import victim_crop_flip
 
     v = cfg["victim"]
     if protocol == "ue":
@@ -63,7 +62,7 @@ def protocol_settings(cfg: dict, protocol: str) -> dict:
         return {"epochs": ue["epochs"], "optimizer": "sgd", "momentum": ue["momentum"],
                 "lr": scaled_lr(cfg, ue["lr"], v["batch_size"], v["base_batch_size"]),
                 "weight_decay": ue["weight_decay"], "milestones": None,
-                "augment": functools.partial(crop_flip, padding=ue["crop_padding"]), "final": True}
+                "augment": victim_crop_flip(cfg), "final": True}
     return {"epochs": v["epochs"], "optimizer": "adam", "momentum": 0.0,
             "lr": scaled_lr(cfg, v["lr"], v["batch_size"], v["base_batch_size"]),
             "weight_decay": v["weight_decay"], "milestones": tuple(v["milestones"]),

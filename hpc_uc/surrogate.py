@@ -7,7 +7,6 @@ reported: a weak surrogate gives clusters, and perturbations, that protect nothi
 """
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from .atomic import OWNER_ONLY, load_torch, save_torch, write_json
 from .comm import Comm
+from .augment import victim_crop_flip
 from .config import check_world, scaled_lr
 from .errors import UserError
 from .models import (SMALL_IMAGE_MAX, ResNetWithFeature, fold_batchnorm, imagenet_weights,
@@ -37,15 +37,6 @@ def snapshot_epochs(epochs: int, snapshots: int) -> tuple[int, ...]:
     """The ``snapshots`` epochs (1-based, before the last) at which surrogate training keeps its
     weights, evenly spaced: 30 epochs, 4 snapshots -> 6, 12, 18, 24."""
     return tuple(round(i * epochs / (snapshots + 1)) for i in range(1, snapshots + 1))
-
-
-def training_augment(cfg: dict):
-    """``surrogate.augment``: the ue victim's crop and flip on every training batch (None: off)."""
-    from .augment import crop_flip
-
-    if not cfg["surrogate"]["augment"]:
-        return None
-    return functools.partial(crop_flip, padding=cfg["victim"]["ue"]["crop_padding"])
 
 
 def cpu_state(model: torch.nn.Module) -> dict:
@@ -120,7 +111,7 @@ def run_surrogate(cfg: dict, comm: Comm, run: RunDir) -> dict:
                          lr=scaled_lr(cfg, s["lr"], s["batch_size"]), weight_decay=s["weight_decay"],
                          batch_per_rank=per_rank, task=manifest["task"],
                          warmup_epochs=cfg["warmup_epochs"], on_epoch=on_epoch, micro_batch=s["micro_batch"],
-                         seed=cfg["seed"], augment=training_augment(cfg))
+                         seed=cfg["seed"], augment=victim_crop_flip(cfg) if s["augment"] else None)
         info["epochs"] = s["epochs"]
         if keep:
             info["snapshot_epochs"] = list(keep)
