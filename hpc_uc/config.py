@@ -54,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
                                   # gradients accumulate, one all-reduce per step
         "augment": False,         # train it with the ue victim's crop + flip (victim.ue.crop_padding;
                                   # pretrain only; no deeper on BreastMNIST, docs/efficacy.md)
+        "optimizer": "adam",      # adam | sgd (momentum 0.9, cosine; surrogate.lr is its lr: the
+                                  # ue victim's and em's is 0.1; pretrain only)
         "snapshots": 0,           # also keep the weights at this many evenly spaced earlier epochs
                                   # (pretrain only): the targeted refinement then steps through
                                   # them in training order before the final surrogate (0: final
@@ -119,7 +121,9 @@ DEFAULTS: dict[str, Any] = {
                                   # surrogate's loss of the next class, y + 1 (single-label sets) |
                                   # auto: targeted where it applies (as above), else uc
         "augment": True,          # the ue victim's crop + flip drawn afresh at every step (an
-    },                            # expectation), per image from (seed, sample id, step)
+                                  # expectation), per image from (seed, sample id, step)
+        "init": "cluster",        # where each image's refinement starts: its cluster's delta |
+    },                            # uniform noise in the budget from (seed, sample id), as em's
     "victim": {                   # MedMNIST v2's protocol by default
         "arch": "resnet18",
         "stem": "auto",           # auto (small for <= 64 px) | small | standard
@@ -172,6 +176,8 @@ CHOICES = {
     "victim.arch": ("resnet18", "resnet50"),
     "em.arch": ("resnet18", "resnet50"),
     "em.stem": ("auto", "small", "standard"),
+    "surrogate.optimizer": ("adam", "sgd"),
+    "refine.init": ("cluster", "uniform"),
     "em.init": ("uniform", "classwise"),
     "em.optimizer": ("sgd", "adam"),
     "em.objective": ("auto", "min", "targeted"),
@@ -363,9 +369,10 @@ def validate(cfg: dict) -> None:
     if snapshots and (sur["weights"] != "pretrain" or snapshots >= sur["epochs"]):
         raise UserError(f"surrogate.snapshots={snapshots} keeps earlier epochs of surrogate training: it needs "
                         f"surrogate.weights=pretrain and fewer snapshots than surrogate.epochs ({sur['epochs']})")
-    if sur["augment"] and sur["weights"] != "pretrain":
-        raise UserError(f"surrogate.augment trains the surrogate; surrogate.weights={sur['weights']} is not trained here "
-                        f"(use surrogate.weights=pretrain, or leave surrogate.augment false)")
+    for setting, asked in (("surrogate.augment", sur["augment"]), ("surrogate.optimizer=sgd", sur["optimizer"] == "sgd")):
+        if asked and sur["weights"] != "pretrain":
+            raise UserError(f"{setting} trains the surrogate; surrogate.weights={sur['weights']} is not trained here "
+                            f"(use surrogate.weights=pretrain, or leave {setting.split('=')[0]} at its default)")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

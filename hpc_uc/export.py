@@ -26,6 +26,7 @@ from .shards import ShardSetWriter, partition
 from .stages import METHODS
 
 REFINE_AUGMENT = 14  # refine.augment's stream of randomness, drawn from the seed
+REFINE_INIT = 15     # refine.init=uniform's
 
 
 def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
@@ -147,10 +148,12 @@ def through_snapshots(objective: str) -> bool:
 def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, objective: str):
     """Per-sample refinement of perturbations (hpc_uc.refine), as
     ``(images, delta, clusters, labels, index) -> delta``: ``steps`` steps lowering
-    ``objective``'s loss (with ``refine.augment``, its expectation over the ue victim's crop and flip)."""
+    ``objective``'s loss (with ``refine.augment``, its expectation over the ue victim's crop and flip),
+    from ``delta`` or, with ``refine.init=uniform``, from uniform noise of each image's own."""
     import torch
     import torch.nn.functional as F
 
+    from .em import initial_levels
     from .refine import BATCH, cluster_target_loss, keyed_augment, next_class_loss, refine
     from .surrogate import load_trajectory
 
@@ -168,6 +171,10 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
                 else cluster_target_loss(probs, clusters))
         augment = (keyed_augment(index, cfg["seed"] + REFINE_AUGMENT, cfg["victim"]["ue"]["crop_padding"])
                    if r["augment"] else None)
+        if r["init"] == "uniform":  # em's start, from (seed, sample id): the same on any number of ranks
+            shape = (images.shape[3],) + images.shape[1:3]
+            levels = initial_levels(index, shape, cfg["epsilon"], cfg["norm"], cfg["seed"] + REFINE_INIT)
+            delta = levels.transpose(0, 2, 3, 1).astype(np.float32) / 255.0
         return refine(models, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
                       comm.device, batch=cfg["surrogate"]["micro_batch"] or BATCH,
                       boundary=cfg["generator"]["boundary"], augment=augment)
@@ -189,6 +196,7 @@ def protection_record(cfg: dict, comm: Comm, task: str, plan: tuple[int, str]) -
             "refine_objective": objective if steps else None, "refine_augment": cfg["refine"]["augment"] and steps > 0,
             "refine_step_size": cfg["refine"]["step_size"] if steps else None,
             "refine_snapshots": cfg["surrogate"]["snapshots"] if steps and through_snapshots(objective) else None,
+            "refine_init": cfg["refine"]["init"] if steps else None,
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

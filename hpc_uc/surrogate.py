@@ -1,7 +1,7 @@
 """Stage `surrogate`: the feature extractor UC clusters and attacks.
 
 Weights come from `surrogate.weights`: `pretrain` (default; supervised training on the clean
-training split, data-parallel through the communicator), `imagenet` (torchvision's download)
+training split, data-parallel through the communicator, with `surrogate.optimizer` adam or sgd), `imagenet` (torchvision's download)
 or a PATH to a torchvision state dict. Its clean validation accuracy is measured and
 reported: a weak surrogate gives clusters, and perturbations, that protect nothing.
 """
@@ -111,7 +111,8 @@ def run_surrogate(cfg: dict, comm: Comm, run: RunDir) -> dict:
                          lr=scaled_lr(cfg, s["lr"], s["batch_size"]), weight_decay=s["weight_decay"],
                          batch_per_rank=per_rank, task=manifest["task"],
                          warmup_epochs=cfg["warmup_epochs"], on_epoch=on_epoch, micro_batch=s["micro_batch"],
-                         seed=cfg["seed"], augment=victim_crop_flip(cfg) if s["augment"] else None)
+                         seed=cfg["seed"], augment=victim_crop_flip(cfg) if s["augment"] else None,
+                         optimizer=s["optimizer"])
         info["epochs"] = s["epochs"]
         if keep:
             info["snapshot_epochs"] = list(keep)

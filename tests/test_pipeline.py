@@ -439,6 +439,36 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
                               read_whole_split(exported["plain"].protected, "train")[0])
 
 
+def test_refinement_from_uniform_noise_starts_from_each_image_s_own_draw(finished_run, tmp_path):
+    """refine.init=uniform: the refinement starts from em's uniform noise, drawn from (seed,
+    sample id), not from the cluster's delta: with steps of size 0 the export adds exactly that
+    noise (fails when the start is the cluster delta), and the manifest records the start."""
+    import shutil
+
+    from hpc_uc.em import initial_levels
+    from hpc_uc.export import REFINE_INIT
+    from hpc_uc.pipeline import run_stage
+    from hpc_uc.shards import read_manifest
+
+    cfg, run = finished_run
+    shutil.copytree(run.root, tmp_path / "uniform")
+    other = tiny_config(cfg["data_dir"], tmp_path / "uniform", "refine.steps=1", "refine.step_size=0",
+                        "refine.init=uniform")
+    comm, moved = start(other)
+    run_stage("export", other, comm, moved)
+    assert read_manifest(moved.protected)["extra"]["protection"]["refine_init"] == "uniform"
+    assert read_manifest(run.protected)["extra"]["protection"]["refine_init"] is None  # no refinement ran
+    clean, _, index = read_whole_split(cfg["data_dir"], "train")
+    protected, _, protected_index = read_whole_split(moved.protected, "train")
+    assert np.array_equal(index, protected_index)
+    shape = (clean.shape[3],) + clean.shape[1:3]
+    levels = initial_levels(index, shape, other["epsilon"], other["norm"], other["seed"] + REFINE_INIT)
+    levels = levels.transpose(0, 2, 3, 1).astype(int)
+    inside = (clean + levels >= 0) & (clean + levels <= 255)  # where clamping to [0, 1] leaves it whole
+    assert inside.mean() > 0.5 and np.abs(levels).max() > 0
+    assert np.array_equal((protected.astype(int) - clean)[inside], levels[inside])
+
+
 def test_floor_victims_are_reported_and_kept_with_the_clean_ones(finished_run, tmp_path, capsys):
     """evaluate.floor: each protocol gets a victim trained on shuffled labels, read as a
     protected one is (results.json, report.md), kept beside the clean victims (whose key the
@@ -521,3 +551,20 @@ def test_surrogate_augment_trains_through_the_victims_crop_and_flip(digits_dir, 
     floats = [k for k, v in weights["plain"].items() if v.is_floating_point()]
     assert all(torch.equal(weights["augmented"][k], weights["again"][k]) for k in floats)
     assert any(not torch.equal(weights["augmented"][k], weights["plain"][k]) for k in floats)
+
+
+def test_surrogate_optimizer_sgd_trains_it_with_momentum_sgd(digits_dir, tmp_path, monkeypatch):
+    """surrogate.optimizer=sgd: the surrogate trains with SGD, momentum 0.9, at surrogate.lr
+    scaled for its batch (em's model and the ue victim train so), not with Adam."""
+    import torch
+
+    from hpc_uc.config import scaled_lr
+    from hpc_uc.pipeline import run_stage
+
+    made, sgd = [], torch.optim.SGD
+    monkeypatch.setattr(torch.optim, "SGD", lambda params, **kw: made.append(kw) or sgd(params, **kw))
+    cfg = tiny_config(digits_dir, tmp_path / "sgd", "surrogate.optimizer=sgd", "surrogate.lr=0.05")
+    comm, run = start(cfg)
+    run_stage("surrogate", cfg, comm, run)
+    s = cfg["surrogate"]
+    assert made == [{"lr": scaled_lr(cfg, 0.05, s["batch_size"]), "momentum": 0.9, "weight_decay": s["weight_decay"]}]

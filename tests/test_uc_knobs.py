@@ -128,6 +128,13 @@ def test_surrogate_augment_needs_a_surrogate_trained_here():
         load_config(None, ["surrogate.augment=true", "surrogate.weights=imagenet"])
 
 
+def test_surrogate_optimizer_sgd_needs_a_surrogate_trained_here():
+    with pytest.raises(UserError, match="surrogate.optimizer=sgd trains the surrogate; surrogate.weights=imagenet"):
+        load_config(None, ["surrogate.optimizer=sgd", "surrogate.weights=imagenet"])
+    with pytest.raises(UserError, match="surrogate.optimizer must be one of adam, sgd"):
+        load_config(None, ["surrogate.optimizer=lamb"])
+
+
 def test_targeted_refinement_aims_each_image_at_the_next_class(surrogate):
     """refine.objective=targeted: every step lowers the surrogate's loss of class y + 1 (not of
     y), per image, whatever the batching."""
