@@ -189,6 +189,14 @@ CHOICES = {
     "generator.target": ("next", "farthest", "cross_class"),
     "generator.boundary": ("clip", "reflect"),
 }
+# Keys added after run directories existed, each with the value that does what runs did before
+# the key: a stage's inputs leave a key out at this value (hpc_uc.rundir.stage_inputs), so a new
+# knob at its neutral default re-runs nothing in an older run directory. A key whose default
+# changes behaviour does not belong here.
+NEUTRAL: dict[str, Any] = {
+    "surrogate.augment": False, "surrogate.snapshots": 0, "surrogate.optimizer": "adam",
+    "refine.init": "cluster",
+}
 INF = float("inf")
 # Every other leaf key: (kind, lowest, highest); kind is int | int? (or null) | int|auto | number |
 # bool | text | list, and

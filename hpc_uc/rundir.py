@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from .atomic import read_json, write_bytes, write_json
-from .config import get
+from .config import NEUTRAL, get
 from .stages import RUN_KEYS, STAGES, method_stages, stage_keys
 
 DATA_MANIFEST = "data manifest"
@@ -21,9 +21,31 @@ def _data_manifest_digest(cfg: dict) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
+def _at_neutral(value, neutral) -> bool:
+    return type(value) is type(neutral) and value == neutral
+
+
+def without_neutral(inputs: dict) -> dict:
+    """``inputs`` less every config.NEUTRAL key that is at its neutral value: a run directory
+    made before the key existed, or with the key at that value, has the same inputs."""
+    out = json.loads(json.dumps(inputs))  # a deep copy, in the form stages.json keeps it
+    for dotted, neutral in NEUTRAL.items():
+        *path, last = dotted.split(".")
+        node = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node and _at_neutral(node[last], neutral):
+            del node[last]
+    return out
+
+
+def _digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def stage_inputs(cfg: dict, stage: str) -> dict:
-    """Every config value ``stage`` (and the method's stages before it) depends on, and the
-    data's digest."""
+    """Every config value ``stage`` (and the method's stages before it) depends on, less the
+    new keys at their neutral values (:func:`without_neutral`), and the data's digest."""
     keys: list[str] = list(RUN_KEYS)
     for earlier in method_stages(cfg["method"]):
         keys += stage_keys(earlier.name, cfg["method"])
@@ -31,12 +53,21 @@ def stage_inputs(cfg: dict, stage: str) -> dict:
             break
     else:
         raise ValueError(f"method={cfg['method']} has no {stage} stage")
-    return {**{k: get(cfg, k) for k in keys}, DATA_MANIFEST: _data_manifest_digest(cfg)}
+    return without_neutral({**{k: get(cfg, k) for k in keys}, DATA_MANIFEST: _data_manifest_digest(cfg)})
 
 
 def stage_key(cfg: dict, stage: str) -> str:
     """Hash of :func:`stage_inputs`."""
-    return hashlib.sha256(json.dumps(stage_inputs(cfg, stage), sort_keys=True).encode()).hexdigest()[:16]
+    return _digest(stage_inputs(cfg, stage))
+
+
+def _made_from(record: dict, cfg: dict, stage: str) -> bool:
+    """Whether ``record``'s stage was made from this config's inputs: its key, or the inputs it
+    recorded with the neutral keys taken out (records from before a key joined config.NEUTRAL)."""
+    if record.get("key") == stage_key(cfg, stage):
+        return True
+    inputs = record.get("inputs")
+    return isinstance(inputs, dict) and _digest(without_neutral(inputs)) == stage_key(cfg, stage)
 
 
 def _differences(recorded: dict, current: dict) -> list[str]:
@@ -85,15 +116,15 @@ class RunDir:
     def is_done(self, cfg: dict, stage: str) -> bool:
         """Completed for this config and data, with its artifacts there and intact."""
         record = self.completed().get(stage)
-        return isinstance(record, dict) and record.get("key") == stage_key(cfg, stage) and self._intact(record)
+        return isinstance(record, dict) and _made_from(record, cfg, stage) and self._intact(record)
 
     def why_not_done(self, cfg: dict, stage: str) -> str:
         """In words, why :meth:`is_done` is false (for an error message)."""
         record = self.completed().get(stage)
         if not isinstance(record, dict):
             return f"{stage} has not completed in {self.root}"
-        if record.get("key") != stage_key(cfg, stage):
-            diff = _differences(record.get("inputs", {}), stage_inputs(cfg, stage))
+        if not _made_from(record, cfg, stage):
+            diff = _differences(without_neutral(record.get("inputs", {})), stage_inputs(cfg, stage))
             return f"{stage}'s outputs in {self.root} were made from other inputs: {', '.join(diff) or 'unknown'}"
         missing = [rel for rel in record.get("files", {}) if not (self.root / rel).is_file()]
         return (f"{stage}'s outputs in {self.root} are " + (f"missing ({', '.join(missing)})" if missing

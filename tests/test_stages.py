@@ -123,3 +123,57 @@ def test_bad_input_fails_before_torch_is_imported(digits_dir):
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.splitlines() == ["clusters=5000 is more than the 1257 training samples", "False"]
+
+
+def _rewrite_records(run, inputs_of) -> None:
+    """stages.json as an older hpc-uc wrote it: each record's inputs ``inputs_of(inputs)`` and
+    its key their hash, as stage_key hashed inputs then."""
+    import hashlib
+    import json
+
+    records = json.loads(run._stages.read_text())
+    for record in records.values():
+        record["inputs"] = inputs_of(record["inputs"])
+        record["key"] = hashlib.sha256(json.dumps(record["inputs"], sort_keys=True).encode()).hexdigest()[:16]
+    run._stages.write_text(json.dumps(records))
+
+
+def test_a_new_key_at_its_neutral_value_reruns_nothing(digits_dir, tmp_path, monkeypatch):
+    """config.NEUTRAL: run directories made before a key existed (their sections lack it) and
+    those made with it at its neutral value are up to date for today's config; the key at
+    another value re-runs its stage and the later ones."""
+    from hpc_uc.config import NEUTRAL
+
+    ran: list[str] = []
+    replace_stage_bodies(monkeypatch, lambda name: lambda c, comm, r: ran.append(name) or {})
+    monkeypatch.setattr("hpc_uc.report.report", lambda root: "")
+    cfg = tiny_config(digits_dir, tmp_path / "run")
+    comm, run = start(cfg)
+    run_all(cfg, comm, run)
+    assert ran == list(STAGES)
+
+    def with_keys(inputs: dict, present: bool) -> dict:
+        inputs = copy.deepcopy(inputs)
+        for dotted, neutral in NEUTRAL.items():
+            section, key = dotted.split(".")
+            if section in inputs:
+                inputs[section].pop(key, None)
+                if present:
+                    inputs[section][key] = neutral
+        return inputs
+
+    for present in (False, True):  # before the keys existed; with them, hashed at neutral
+        _rewrite_records(run, lambda inputs: with_keys(inputs, present))
+        ran.clear()
+        run_all(cfg, comm, run)
+        assert ran == [], present
+    for dotted, value, first in (("surrogate.optimizer", "sgd", "surrogate"), ("refine.init", "uniform", "export")):
+        other = copy.deepcopy(cfg)
+        section, key = dotted.split(".")
+        other[section][key] = value
+        ran.clear()
+        run_all(other, comm, run)
+        assert ran == list(STAGES)[list(STAGES).index(first):], dotted
+        ran.clear()
+        run_all(cfg, comm, run)  # back at neutral: the stages run again for it
+        assert ran, dotted
