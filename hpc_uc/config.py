@@ -123,7 +123,9 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,          # the ue victim's crop + flip drawn afresh at every step (an
                                   # expectation), per image from (seed, sample id, step)
         "init": "cluster",        # where each image's refinement starts: its cluster's delta |
-    },                            # uniform noise in the budget from (seed, sample id), as em's
+                                  # uniform noise in the budget from (seed, sample id), as em's
+        "momentum": 0.0,          # > 0: step along the sign of a running sum of normalised
+    },                            # gradients, this times the last plus the new (MI-FGSM; 0: off)
     "victim": {                   # MedMNIST v2's protocol by default
         "arch": "resnet18",
         "stem": "auto",           # auto (small for <= 64 px) | small | standard
@@ -195,7 +197,7 @@ CHOICES = {
 # changes behaviour does not belong here.
 NEUTRAL: dict[str, Any] = {
     "surrogate.augment": False, "surrogate.snapshots": 0, "surrogate.optimizer": "adam",
-    "refine.init": "cluster",
+    "refine.init": "cluster", "refine.momentum": 0.0,
 }
 INF = float("inf")
 # Every other leaf key: (kind, lowest, highest); kind is int | int? (or null) | int|auto | number |
@@ -223,7 +225,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "em.step_size": ("number", 0, 1), "em.stop_accuracy": ("number", 0, 1), "em.augment": ("bool", None, None),
     "em.lr": ("number", 0, INF), "em.weight_decay": ("number", 0, INF), "em.adam_lr": ("number", 0, INF),
     "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int|auto", 0, INF), "refine.step_size": ("number", 0, INF),
-    "refine.augment": ("bool", None, None),
+    "refine.augment": ("bool", None, None), "refine.momentum": ("number", 0, 1),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
     "victim.milestones": ("list", None, None), "victim.micro_batch": ("int", 0, INF),
@@ -373,6 +375,10 @@ def validate(cfg: dict) -> None:
     if cfg["refine"]["objective"] != "auto" and (steps == 0 or cfg["method"] != "uc"):
         raise UserError(f"refine.objective={cfg['refine']['objective']} applies to method=uc with refine.steps > 0 "
                         f"(leave it auto otherwise)")
+    r = cfg["refine"]
+    if (r["init"] != "cluster" or r["momentum"]) and (steps == 0 or cfg["method"] != "uc"):
+        raise UserError(f"refine.init={r['init']} and refine.momentum={r['momentum']} shape UC's refinement: they apply "
+                        f"to method=uc with refine.steps > 0 (leave them at cluster and 0 otherwise)")
     snapshots, sur = cfg["surrogate"]["snapshots"], cfg["surrogate"]
     if snapshots and (sur["weights"] != "pretrain" or snapshots >= sur["epochs"]):
         raise UserError(f"surrogate.snapshots={snapshots} keeps earlier epochs of surrogate training: it needs "

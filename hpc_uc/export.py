@@ -177,7 +177,7 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
             delta = levels.transpose(0, 2, 3, 1).astype(np.float32) / 255.0
         return refine(models, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
                       comm.device, batch=cfg["surrogate"]["micro_batch"] or BATCH,
-                      boundary=cfg["generator"]["boundary"], augment=augment)
+                      boundary=cfg["generator"]["boundary"], augment=augment, momentum=r["momentum"])
     return refine_chunk
 
 
@@ -197,6 +197,7 @@ def protection_record(cfg: dict, comm: Comm, task: str, plan: tuple[int, str]) -
             "refine_step_size": cfg["refine"]["step_size"] if steps else None,
             "refine_snapshots": cfg["surrogate"]["snapshots"] if steps and through_snapshots(objective) else None,
             "refine_init": cfg["refine"]["init"] if steps else None,
+            "refine_momentum": cfg["refine"]["momentum"] if steps else None,
             "surrogate": {"arch": surrogate["arch"], "weights": surrogate["weights"]},
             "world_size": comm.size, "batch_size": cfg["batch_size"], "backend": comm.backend,
             "config_sha256": config_hash(cfg)}

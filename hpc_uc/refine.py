@@ -99,7 +99,7 @@ def model_at(models: Sequence[nn.Module], step: int, steps: int) -> nn.Module:
 def refine(models: Sequence[nn.Module], images: np.ndarray, delta: np.ndarray, image_loss: ImageLoss,
            epsilon: float, norm: str, steps: int, step_size: float,
            device: torch.device, batch: int = BATCH, boundary: str = "clip",
-           augment: StepAugment | None = None) -> np.ndarray:
+           augment: StepAugment | None = None, momentum: float = 0.0) -> np.ndarray:
     """Refined N x H x W x C perturbations for uint8 N x H x W x C ``images``.
 
     ``models``: the frozen surrogate alone, or its training trajectory (:func:`model_at`).
@@ -108,6 +108,9 @@ def refine(models: Sequence[nn.Module], images: np.ndarray, delta: np.ndarray, i
     fraction of epsilon per step. The result is the delta itself (within the ball); export adds
     it under ``boundary``. ``augment`` (:func:`keyed_augment`), if given, transforms x + delta
     before every step's forward pass: the loss is then an expectation over the augmentation.
+    ``momentum`` > 0 steps along the sign of a running sum of the L1-normalised gradients, each
+    step's sum ``momentum`` times the last plus the new one (MI-FGSM, Dong et al., CVPR 2018):
+    a steadier direction where the augmentation or the trajectory makes the gradients noisy.
     """
     out = np.empty_like(delta, dtype=np.float32)
     for lo in range(0, len(images), batch):
@@ -115,12 +118,16 @@ def refine(models: Sequence[nn.Module], images: np.ndarray, delta: np.ndarray, i
         d = torch.from_numpy(np.ascontiguousarray(delta[lo:lo + batch])).to(device).permute(0, 3, 1, 2).float()
         rows = slice(lo, lo + len(x))
         d = project(d, epsilon, norm)
+        velocity = torch.zeros_like(d)
         for step in range(steps):
             d.requires_grad_(True)
             inputs = add_perturbation(x, d, boundary)
             logits, feats = model_at(models, step, steps)(inputs if augment is None else augment(inputs, rows, step))
             grad, = torch.autograd.grad(image_loss(logits, feats, rows).sum(), d)
             with torch.no_grad():
+                if momentum:
+                    velocity = momentum * velocity + grad / grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                    grad = velocity
                 if norm == "linf":
                     move = grad.sign() * (step_size * epsilon)
                 else:

@@ -22,7 +22,8 @@ def _data_manifest_digest(cfg: dict) -> str | None:
 
 
 def _at_neutral(value, neutral) -> bool:
-    return type(value) is type(neutral) and value == neutral
+    """``value == neutral``, a bool never equal to a number (0 and 0.0 are)."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
 
 
 def without_neutral(inputs: dict) -> dict:

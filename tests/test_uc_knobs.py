@@ -116,6 +116,42 @@ def test_refinement_through_a_trajectory_attacks_each_model_in_turn(surrogate):
     assert not np.allclose(both, refine([other, surrogate], images, start, loss, eps, "linf", 4, 0.25, cpu), atol=1e-3)
 
 
+def test_refinement_with_momentum_steps_along_the_running_sum_of_normalised_gradients(surrogate):
+    """refine.momentum (MI-FGSM): each step's sign is that of momentum x the last sum plus the
+    new L1-normalised gradient -- the same as this hand-written loop, other than without
+    momentum, and momentum 0 is the plain refinement."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    labels = (np.arange(4) % 3).reshape(-1, 1)
+    eps, cpu = 16 / 255, torch.device("cpu")
+    start = rng.uniform(-eps, eps, (4, 28, 28, 1)).astype(np.float32)
+    loss = next_class_loss(labels, 3)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    d, velocity = torch.from_numpy(start).permute(0, 3, 1, 2), torch.zeros(4, 1, 28, 28)
+    for _ in range(5):
+        d.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(surrogate((x + d).clamp(0, 1))[0],
+                                                    torch.from_numpy((labels[:, 0] + 1) % 3), reduction="sum"), d)
+        velocity = 0.9 * velocity + grad / grad.abs().sum((1, 2, 3), keepdim=True)
+        d = (d.detach() - 0.25 * eps * velocity.sign()).clamp(-eps, eps)
+    expected = d.permute(0, 2, 3, 1).numpy()
+    with_momentum = refine([surrogate], images, start, loss, eps, "linf", 5, 0.25, cpu, momentum=0.9)
+    assert np.allclose(with_momentum, expected, atol=1e-6)
+    plain = refine([surrogate], images, start, loss, eps, "linf", 5, 0.25, cpu)
+    assert not np.allclose(with_momentum, plain, atol=1e-3)
+    assert np.array_equal(plain, refine([surrogate], images, start, loss, eps, "linf", 5, 0.25, cpu, momentum=0.0))
+
+
+def test_refine_init_and_momentum_need_a_refinement_to_shape():
+    for overrides in (["refine.init=uniform", "refine.steps=0"], ["refine.momentum=0.5", "method=em"]):
+        with pytest.raises(UserError, match="refine.init=.* and refine.momentum=.* shape UC's refinement"):
+            load_config(None, overrides)
+    with pytest.raises(UserError, match="refine.momentum must be"):
+        load_config(None, ["refine.momentum=2"])
+
+
 @pytest.mark.parametrize("overrides", [["surrogate.snapshots=2", "surrogate.weights=imagenet"],
                                        ["surrogate.snapshots=4", "surrogate.epochs=4"]])
 def test_snapshots_need_a_trained_surrogate_with_more_epochs(overrides):
