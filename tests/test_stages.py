@@ -53,16 +53,23 @@ def _changed(value):
     return {"changed": value} if isinstance(value, dict) else ["changed", value]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_changing_a_key_reruns_exactly_its_stage_and_the_later_ones(method, digits_dir, tmp_path, monkeypatch):
-    """Stage bodies replaced by a recorder: which stages run is what is tested here."""
+def _recording_run(digits_dir, tmp_path, monkeypatch, *overrides: str):
+    """A run directory whose stage bodies only record their names, every stage run once:
+    (the names recorded, the config, the communicator, the run directory)."""
     ran: list[str] = []
     replace_stage_bodies(monkeypatch, lambda name: lambda c, comm, r: ran.append(name) or {})
     monkeypatch.setattr("hpc_uc.report.report", lambda root: "")
-    cfg = tiny_config(digits_dir, tmp_path / "run", f"method={method}")
+    cfg = tiny_config(digits_dir, tmp_path / "run", *overrides)
     comm, run = start(cfg)
-    stages = METHODS[method].stages
     run_all(cfg, comm, run)
+    return ran, cfg, comm, run
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_changing_a_key_reruns_exactly_its_stage_and_the_later_ones(method, digits_dir, tmp_path, monkeypatch):
+    """Stage bodies replaced by a recorder: which stages run is what is tested here."""
+    ran, cfg, comm, run = _recording_run(digits_dir, tmp_path, monkeypatch, f"method={method}")
+    stages = METHODS[method].stages
     assert ran == list(stages)
     for key in RUN_KEYS:  # the data, the seed, the lr rule: every stage the method runs
         cfg = copy.deepcopy(cfg)
@@ -90,12 +97,7 @@ def test_changing_a_key_reruns_exactly_its_stage_and_the_later_ones(method, digi
 
 
 def test_switching_method_reruns_from_train_and_label_wise_runs_never_cluster(digits_dir, tmp_path, monkeypatch):
-    ran: list[str] = []
-    replace_stage_bodies(monkeypatch, lambda name: lambda c, comm, r: ran.append(name) or {})
-    monkeypatch.setattr("hpc_uc.report.report", lambda root: "")
-    cfg = tiny_config(digits_dir, tmp_path / "run")
-    comm, run = start(cfg)
-    run_all(cfg, comm, run)
+    ran, cfg, comm, run = _recording_run(digits_dir, tmp_path, monkeypatch)
     assert ran == list(STAGES)
     for method in ("classwise", "ar", "em", "uc"):
         ran.clear()
@@ -144,12 +146,7 @@ def test_a_new_key_at_its_neutral_value_reruns_nothing(digits_dir, tmp_path, mon
     another value re-runs its stage and the later ones."""
     from hpc_uc.config import NEUTRAL
 
-    ran: list[str] = []
-    replace_stage_bodies(monkeypatch, lambda name: lambda c, comm, r: ran.append(name) or {})
-    monkeypatch.setattr("hpc_uc.report.report", lambda root: "")
-    cfg = tiny_config(digits_dir, tmp_path / "run")
-    comm, run = start(cfg)
-    run_all(cfg, comm, run)
+    ran, cfg, comm, run = _recording_run(digits_dir, tmp_path, monkeypatch)
     assert ran == list(STAGES)
 
     def with_keys(inputs: dict, present: bool) -> dict:
