@@ -199,6 +199,18 @@ NEUTRAL: dict[str, Any] = {
     "surrogate.augment": False, "surrogate.snapshots": 0, "surrogate.optimizer": "adam",
     "refine.init": "cluster", "refine.momentum": 0.0,
 }
+
+
+def at_neutral(value: Any, neutral: Any) -> bool:
+    """``value == neutral``, a bool never equal to a number (0 and 0.0 are)."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
+def moved_from_neutral(cfg: dict, *keys: str) -> list[str]:
+    """Those of the NEUTRAL ``keys`` that ``cfg`` sets to another value."""
+    return [key for key in keys if not at_neutral(get(cfg, key), NEUTRAL[key])]
+
+
 INF = float("inf")
 # Every other leaf key: (kind, lowest, highest); kind is int | int? (or null) | int|auto | number |
 # bool | text | list, and
@@ -376,17 +388,18 @@ def validate(cfg: dict) -> None:
         raise UserError(f"refine.objective={cfg['refine']['objective']} applies to method=uc with refine.steps > 0 "
                         f"(leave it auto otherwise)")
     r = cfg["refine"]
-    if (r["init"] != "cluster" or r["momentum"]) and (steps == 0 or cfg["method"] != "uc"):
+    if moved_from_neutral(cfg, "refine.init", "refine.momentum") and (steps == 0 or cfg["method"] != "uc"):
         raise UserError(f"refine.init={r['init']} and refine.momentum={r['momentum']} shape UC's refinement: they apply "
                         f"to method=uc with refine.steps > 0 (leave them at cluster and 0 otherwise)")
     snapshots, sur = cfg["surrogate"]["snapshots"], cfg["surrogate"]
     if snapshots and (sur["weights"] != "pretrain" or snapshots >= sur["epochs"]):
         raise UserError(f"surrogate.snapshots={snapshots} keeps earlier epochs of surrogate training: it needs "
                         f"surrogate.weights=pretrain and fewer snapshots than surrogate.epochs ({sur['epochs']})")
-    for setting, asked in (("surrogate.augment", sur["augment"]), ("surrogate.optimizer=sgd", sur["optimizer"] == "sgd")):
-        if asked and sur["weights"] != "pretrain":
+    for key in moved_from_neutral(cfg, "surrogate.augment", "surrogate.optimizer"):
+        if sur["weights"] != "pretrain":
+            setting = key if isinstance(get(cfg, key), bool) else f"{key}={get(cfg, key)}"
             raise UserError(f"{setting} trains the surrogate; surrogate.weights={sur['weights']} is not trained here "
-                            f"(use surrogate.weights=pretrain, or leave {setting.split('=')[0]} at its default)")
+                            f"(use surrogate.weights=pretrain, or leave {key} at its default)")
     if cfg["generator"]["min_lr"] > cfg["generator"]["lr"]:
         raise UserError(f"generator.min_lr ({cfg['generator']['min_lr']}) must not exceed generator.lr "
                         f"({cfg['generator']['lr']})")

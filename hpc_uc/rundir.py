@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from .atomic import read_json, write_bytes, write_json
-from .config import NEUTRAL, get
+from .config import NEUTRAL, at_neutral, get
 from .stages import RUN_KEYS, STAGES, method_stages, stage_keys
 
 DATA_MANIFEST = "data manifest"
@@ -21,11 +21,6 @@ def _data_manifest_digest(cfg: dict) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
-def _at_neutral(value, neutral) -> bool:
-    """``value == neutral``, a bool never equal to a number (0 and 0.0 are)."""
-    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
-
-
 def without_neutral(inputs: dict) -> dict:
     """``inputs`` less every config.NEUTRAL key that is at its neutral value: a run directory
     made before the key existed, or with the key at that value, has the same inputs."""
@@ -35,7 +30,7 @@ def without_neutral(inputs: dict) -> dict:
         node = out
         for part in path:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and last in node and _at_neutral(node[last], neutral):
+        if isinstance(node, dict) and last in node and at_neutral(node[last], neutral):
             del node[last]
     return out
 
