@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-SEED_FILES = ("surrogate.pt", "surrogate.json", "clusters.npz")
+from hpc_uc.rundir import RunDir
+from hpc_uc.sweep import shared_files
+
 VENV_BIN = Path(sys.executable).parent
 FIGURES = ("clean_acc", "clean_auc", "clean_recal", "acc", "auc", "recal", "turned_auc", "turned_recal",
            "share_acc", "share_auc", "share_recal", "headline", "psnr_db", "ssim", "untrained_recal", "protect_s")
@@ -67,8 +69,7 @@ def seed_run_dir(base: Path, target: Path) -> None:
         shutil.copy2(base / "clean_victims.json", target / "clean_victims.json")
     if not (base / "stages.json").is_file():
         return
-    kept = ("surrogate_snapshots.pt",) if (base / "surrogate_snapshots.pt").is_file() else ()  # surrogate.snapshots
-    for name in SEED_FILES + kept:
+    for name in shared_files(RunDir(base), {"method": "uc"}):
         shutil.copy2(base / name, target / name)
     done = json.loads((base / "stages.json").read_text())
     keep = {k: v for k, v in done.items() if k in ("surrogate", "cluster")}

@@ -128,7 +128,8 @@ class RunDir:
 
     def mark_done(self, cfg: dict, stage: str) -> None:
         done = self.completed()
-        files = {rel: (self.root / rel).stat().st_size for rel in STAGES[stage].artifacts if (self.root / rel).is_file()}
+        made = STAGES[stage].artifacts + STAGES[stage].optional
+        files = {rel: (self.root / rel).stat().st_size for rel in made if (self.root / rel).is_file()}
         done[stage] = {"key": stage_key(cfg, stage), "inputs": stage_inputs(cfg, stage), "files": files}
         write_json(self._stages, done)
 

@@ -32,6 +32,7 @@ class Stage:
     artifacts: tuple[str, ...]  # what it leaves, relative to the run directory
     run: Entry
     check: Check | None = None  # before any heavy work, on the config and the data manifest
+    optional: tuple[str, ...] = ()  # what some configs also leave: recorded, and checked, when there
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ def _check_evaluate(cfg: dict, manifest: dict) -> None:
 RUN_KEYS = ("dataset", "data_dir", "seed", "lr_scaling", "base_batch_size", "warmup_epochs")
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("surrogate", "obtain and measure the surrogate feature extractor", ("surrogate",),
-          ("surrogate.pt", "surrogate.json"), _run_surrogate, _check_surrogate),
+          ("surrogate.pt", "surrogate.json"), _run_surrogate, _check_surrogate,
+          optional=("surrogate_snapshots.pt",)),  # with surrogate.snapshots
     Stage("cluster", "K-means of the training split in surrogate feature space",
           ("clusters", "kmeans"), ("clusters.npz",), _run_cluster, _check_cluster),
     Stage("train", "make the perturbations (UC: train one generator per cluster, data-parallel)",

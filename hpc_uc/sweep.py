@@ -32,13 +32,17 @@ def shared_stages(cfg: dict) -> tuple[str, ...]:
     return tuple(name for name in METHODS[cfg["method"]].stages if name in SHARED)
 
 
-def shared_files(cfg: dict) -> tuple[str, ...]:
-    """What the shared stages leave, copied into every point (with ``surrogate.snapshots``, the
-    kept epochs too: the points' refinement goes through them)."""
-    files = tuple(rel for name in shared_stages(cfg) for rel in STAGES[name].artifacts)
-    if "surrogate" in shared_stages(cfg) and cfg["surrogate"].get("snapshots"):
-        files += (RunDir("").surrogate_snapshots.name,)
-    return files
+def shared_files(shared: RunDir, cfg: dict) -> tuple[str, ...]:
+    """What the shared stages left in ``shared``: their artifacts, and those some configs only
+    leave where present (``surrogate.snapshots``' kept epochs: the points refine through them)."""
+    stages = [STAGES[name] for name in shared_stages(cfg)]
+    return (tuple(rel for stage in stages for rel in stage.artifacts)
+            + tuple(rel for stage in stages for rel in stage.optional if (shared.root / rel).is_file()))
+
+
+def optional_files(cfg: dict) -> tuple[str, ...]:
+    """What the shared stages leave under some configs only (a point may hold a stale one)."""
+    return tuple(rel for name in shared_stages(cfg) for rel in STAGES[name].optional)
 
 
 def parse_ints(text: str, flag: str, minimum: int) -> list[int]:
@@ -76,10 +80,15 @@ def seed_point(shared: RunDir, point: RunDir, cfg: dict) -> None:
     ones, and its later stages are recomputed."""
     point.root.mkdir(parents=True, exist_ok=True)
     replaced = False
-    for name in shared_files(cfg):
+    files = shared_files(shared, cfg)
+    for name in files:
         src, dst = shared.root / name, point.root / name
         if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
             shutil.copy(src, dst)  # with its owner-only mode
+            replaced = True
+    for name in set(optional_files(cfg)) - set(files):  # left by a config that kept it
+        if (point.root / name).is_file():
+            (point.root / name).unlink()
             replaced = True
     if replaced:
         point.forget(DOWNSTREAM)

@@ -304,9 +304,9 @@ def test_secrets_copied_into_sweep_points_stay_owner_only(tmp_path):
     shared = RunDir(tmp_path / "shared")
     shared.root.mkdir()
     cfg = tiny_config("data/digits", tmp_path / "p")
-    for name in shared_files(cfg):
+    for name in shared_files(shared, cfg):
         (shared.root / name).write_bytes(name.encode())
         os.chmod(shared.root / name, 0o600)
     point = RunDir(tmp_path / "p")
     seed_point(shared, point, cfg)
-    assert all((point.root / n).stat().st_mode & 0o077 == 0 for n in shared_files(cfg))
+    assert all((point.root / n).stat().st_mode & 0o077 == 0 for n in shared_files(shared, cfg))

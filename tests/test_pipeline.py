@@ -522,7 +522,9 @@ def test_surrogate_snapshots_are_kept_owner_only_and_refined_through(digits_dir,
     assert any(not torch.equal(snapshots[0]["state"][k], final[k]) for k in final if final[k].is_floating_point())
     assert json.loads(run.surrogate_info.read_text())["snapshot_epochs"] == [1]
     assert read_manifest(run.protected)["extra"]["protection"]["refine_snapshots"] == 1
+    assert "surrogate_snapshots.pt" in run.completed()["surrogate"]["files"]
     run.surrogate_snapshots.unlink()
+    assert not run.is_done(cfg, "surrogate")  # a whole run makes them again
     with pytest.raises(UserError, match="surrogate_snapshots.pt is missing"):
         run_stage("export", cfg, comm, run)
     own = tiny_config(digits_dir, tmp_path / "snap", "surrogate.epochs=2", "surrogate.snapshots=1", "refine.steps=2",

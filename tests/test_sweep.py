@@ -86,12 +86,12 @@ def test_stale_point_gets_the_new_shared_files_and_recomputes(tmp_path):
            "base_batch_size": 256, "warmup_epochs": 0, "clusters": 3, "kmeans": {}, "method": "uc"}
     for run, tag in ((shared, b"new"), (point, b"old")):
         run.root.mkdir()
-        for name in shared_files(cfg):
+        for name in shared_files(shared, cfg):
             (run.root / name).write_bytes(tag + name.encode())
     write_json(point.root / "stages.json", {"surrogate": "x", "cluster": "y", "train": "z", "export": "e",
                                             "evaluate": "v"})
     seed_point(shared, point, cfg)
-    for name in shared_files(cfg):
+    for name in shared_files(shared, cfg):
         assert (point.root / name).read_bytes() == b"new" + name.encode()
     assert set(point.completed()) == {"surrogate", "cluster"}
     write_json(point.root / "stages.json", {**point.completed(), "train": "z"})
@@ -99,7 +99,23 @@ def test_stale_point_gets_the_new_shared_files_and_recomputes(tmp_path):
     assert "train" in point.completed()
 
 
-def test_points_get_the_surrogate_snapshots_when_kept():
-    cfg = {"method": "uc", "surrogate": {"snapshots": 0}}
-    assert "surrogate_snapshots.pt" not in shared_files(cfg)
-    assert "surrogate_snapshots.pt" in shared_files({**cfg, "surrogate": {"snapshots": 3}})
+def test_points_get_the_surrogate_snapshots_when_kept_and_lose_stale_ones(tmp_path):
+    """The kept epochs travel with the surrogate where the shared run has them; a point that
+    holds some from a config that kept them loses them, and its later stages re-run."""
+    shared, point = RunDir(tmp_path / "shared"), RunDir(tmp_path / "bs32")
+    cfg = {"dataset": "digits", "data_dir": "d", "seed": 0, "surrogate": {"snapshots": 3}, "lr_scaling": "linear",
+           "base_batch_size": 256, "warmup_epochs": 0, "clusters": 3, "kmeans": {}, "method": "uc"}
+    shared.root.mkdir()
+    for name in ("surrogate.pt", "surrogate.json", "clusters.npz"):
+        (shared.root / name).write_bytes(name.encode())
+    assert "surrogate_snapshots.pt" not in shared_files(shared, cfg)
+    shared.surrogate_snapshots.write_bytes(b"kept")
+    assert "surrogate_snapshots.pt" in shared_files(shared, cfg)
+    seed_point(shared, point, cfg)
+    assert point.surrogate_snapshots.read_bytes() == b"kept"
+    assert "surrogate_snapshots.pt" in point.completed()["surrogate"]["files"]
+    shared.surrogate_snapshots.unlink()  # the sweep now runs without snapshots
+    write_json(point.root / "stages.json", {**point.completed(), "train": "z"})
+    seed_point(shared, point, cfg)
+    assert not point.surrogate_snapshots.exists()
+    assert set(point.completed()) == {"surrogate", "cluster"}
