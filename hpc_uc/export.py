@@ -9,6 +9,7 @@ RUN_DIR/perturbations.h5 and never enter the export.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import numpy as np
@@ -23,6 +24,7 @@ from .reader import ShardedDataset, chunk_rows
 from .rundir import RunDir
 from .npz_stream import CHUNK_BYTES, write_medmnist_npz
 from .shards import ShardSetWriter, partition
+from .training import rate_line
 from .stages import METHODS
 
 REFINE_AUGMENT = 14  # refine.augment's stream of randomness, drawn from the seed
@@ -65,7 +67,8 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
               (partition(data.num_samples, comm.size, r, True) for r in range(comm.size))]
     first, total = sum(chunks[:comm.rank]), max(1, sum(chunks))
     plan = resolve_refinement(cfg, data.manifest["task"])  # (steps, objective)
-    perturb = chunk_protector(cfg, run, data.manifest, comm, data.image_size, plan)
+    mine = partition(data.num_samples, comm.size, comm.rank, True)
+    perturb = chunk_protector(cfg, run, data.manifest, comm, data.image_size, plan, mine[1] - mine[0])
     source = data.manifest
     manifest = {**source, "dataset": f"{source['dataset']}-protected",
                 "source": {"file": str(cfg["data_dir"]), "md5": None},
@@ -118,13 +121,15 @@ def perturbation_source(cfg: dict, run: RunDir, size: int) -> Callable[[np.ndarr
     return lambda clusters, index: table[clusters]
 
 
-def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: int, plan: tuple[int, str]):
+def chunk_protector(cfg: dict, run: RunDir, manifest: dict, comm: Comm, size: int, plan: tuple[int, str],
+                    local_images: int):
     """``perturb(images, labels, index) -> protected uint8 images`` for one chunk of this rank's
     training images: each image's δ (:func:`perturbation_source`), refined per image when the
-    ``plan``'s steps (hpc_uc.refine.resolve_refinement) > 0 (the surrogate is loaded once), added
-    and quantised."""
+    ``plan``'s steps (hpc_uc.refine.resolve_refinement) > 0 (the surrogate is loaded once, and
+    rank 0 logs its progress through its ``local_images``), added and quantised."""
     steps, objective = plan
-    refine_step = refiner(cfg, run, manifest, comm, steps, objective) if steps > 0 else None
+    refine_step = (refiner(cfg, run, manifest, comm, steps, objective, refine_progress(comm, local_images, steps))
+                   if steps > 0 else None)
     needs_clusters = "cluster" in METHODS[cfg["method"]].stages
     cluster_of = cluster_of_index(run.clusters) if needs_clusters else None
     delta_of = perturbation_source(cfg, run, size)
@@ -145,7 +150,23 @@ def through_snapshots(objective: str) -> bool:
     return objective == "targeted"
 
 
-def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, objective: str):
+def refine_progress(comm: Comm, total: int, steps: int) -> Callable[[int], None] | None:
+    """Rank 0's log line after each refined batch (the longest wait of an export): its images
+    done of ``total``, the rate and the time left; None on the other ranks."""
+    if not comm.is_root:
+        return None
+    began, done = time.perf_counter(), 0
+
+    def report(count: int) -> None:
+        nonlocal done
+        done += count
+        print(f"export: refining ({steps} steps), rank 0: "
+              + rate_line(done, total, time.perf_counter() - began, "images"), flush=True)
+    return report
+
+
+def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, objective: str,
+            on_batch: Callable[[int], None] | None = None):
     """Per-sample refinement of perturbations (hpc_uc.refine), as
     ``(images, delta, clusters, labels, index) -> delta``: ``steps`` steps lowering
     ``objective``'s loss (with ``refine.augment``, its expectation over the ue victim's crop and flip),
@@ -177,7 +198,8 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
             delta = levels.transpose(0, 2, 3, 1).astype(np.float32) / 255.0
         return refine(models, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
                       comm.device, batch=cfg["surrogate"]["micro_batch"] or BATCH,
-                      boundary=cfg["generator"]["boundary"], augment=augment, momentum=r["momentum"])
+                      boundary=cfg["generator"]["boundary"], augment=augment, momentum=r["momentum"],
+                      on_batch=on_batch)
     return refine_chunk
 
 

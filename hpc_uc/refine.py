@@ -99,7 +99,8 @@ def model_at(models: Sequence[nn.Module], step: int, steps: int) -> nn.Module:
 def refine(models: Sequence[nn.Module], images: np.ndarray, delta: np.ndarray, image_loss: ImageLoss,
            epsilon: float, norm: str, steps: int, step_size: float,
            device: torch.device, batch: int = BATCH, boundary: str = "clip",
-           augment: StepAugment | None = None, momentum: float = 0.0) -> np.ndarray:
+           augment: StepAugment | None = None, momentum: float = 0.0,
+           on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Refined N x H x W x C perturbations for uint8 N x H x W x C ``images``.
 
     ``models``: the frozen surrogate alone, or its training trajectory (:func:`model_at`).
@@ -111,6 +112,7 @@ def refine(models: Sequence[nn.Module], images: np.ndarray, delta: np.ndarray, i
     ``momentum`` > 0 steps along the sign of a running sum of the L1-normalised gradients, each
     step's sum ``momentum`` times the last plus the new one (MI-FGSM, Dong et al., CVPR 2018):
     a steadier direction where the augmentation or the trajectory makes the gradients noisy.
+    ``on_batch``, if given, hears how many images each finished batch held (for progress).
     """
     out = np.empty_like(delta, dtype=np.float32)
     for lo in range(0, len(images), batch):
@@ -134,6 +136,8 @@ def refine(models: Sequence[nn.Module], images: np.ndarray, delta: np.ndarray, i
                     move = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * (step_size * epsilon)
                 d = project(d - move, epsilon, norm)
         out[lo:lo + batch] = d.detach().permute(0, 2, 3, 1).cpu().numpy()
+        if on_batch is not None:
+            on_batch(len(x))
     return out
 
 

@@ -38,6 +38,13 @@ def progress(items: Iterable, comm: Comm, desc: str, total: int | None = None) -
     return iter(items)
 
 
+def rate_line(done: int, total: int, seconds: float, unit: str) -> str:
+    """"done/total unit (R unit/s, about T left)" for a progress line in a batch job's log."""
+    rate = done / seconds if seconds > 0 else 0.0
+    left = f"about {(total - done) / rate:.0f} s left" if rate > 0 and done < total else "done"
+    return f"{done}/{total} {unit} ({rate:.1f} {unit}/s, {left})"
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """Cross-entropy (single label, labels N×1) or BCE-with-logits (multi-label, N×L)."""
     if is_multilabel(task):

@@ -396,10 +396,11 @@ def test_export_in_small_chunks_equals_one_chunk(finished_run, tmp_path):
     assert len(verify(moved.protected)["splits"]["train"]["shards"]) == -(-len(whole) // 50)
 
 
-def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finished_run, tmp_path):
+def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finished_run, tmp_path, capsys):
     """refine.objective=auto on single-label data is targeted: the export refines each image
     toward the surrogate's next class (its loss of y + 1 falls against the unrefined export and
-    UC's own loss), by default through the crop-and-flip expectation, and records what it ran."""
+    UC's own loss), by default through the crop-and-flip expectation, records what it ran, and
+    logs its progress through rank 0's images."""
     import shutil
 
     import torch
@@ -417,6 +418,10 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
         other = tiny_config(cfg["data_dir"], tmp_path / name, "refine.steps=3", "refine.step_size=0.25", *overrides)
         comm, exported[name] = start(other)
         run_stage("export", other, comm, exported[name])
+    count = read_manifest(run.protected)["splits"]["train"]["count"]  # one rank here: all of them
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("export: refining")]
+    assert lines and all(line.startswith("export: refining (3 steps), rank 0: ") for line in lines)
+    assert f": {count}/{count} images (" in lines[-1] and lines[-1].endswith(", done)")
     manifest = read_manifest(exported["auto"].protected)
     record = manifest["extra"]["protection"]
     assert (record["refine_steps"], record["refine_objective"], record["refine_augment"]) == (3, "targeted", True)

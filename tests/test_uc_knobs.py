@@ -383,3 +383,18 @@ def test_tile_is_a_train_stage_key():
     assert stage_key(load_config(None, ["tile=4"]), "cluster") == stage_key(load_config(None, []), "cluster")
     with pytest.raises(UserError):
         load_config(None, ["tile=-1"])
+
+
+def test_refinement_reports_each_batch_and_the_log_line_reads_the_rate():
+    from hpc_uc.training import rate_line
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    heard = []
+    loss = lambda logits, feats, rows: logits.square().sum(1)  # noqa: E731
+    model = lambda x: (x.flatten(1)[:, :3], None)  # noqa: E731
+    refine([model], images, np.zeros((5, 8, 8, 1), np.float32), loss, 16 / 255, "linf", 2, 0.25,
+           torch.device("cpu"), batch=2, on_batch=heard.append)
+    assert heard == [2, 2, 1]
+    assert rate_line(50, 200, 10.0, "images") == "50/200 images (5.0 images/s, about 30 s left)"
+    assert rate_line(200, 200, 10.0, "images") == "200/200 images (20.0 images/s, done)"
