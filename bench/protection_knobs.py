@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_uc.rundir import RunDir
-from hpc_uc.sweep import shared_files
+from hpc_uc.sweep import SHARED, shared_files
 
 VENV_BIN = Path(sys.executable).parent
 FIGURES = ("clean_acc", "clean_auc", "clean_recal", "acc", "auc", "recal", "turned_auc", "turned_recal",
@@ -72,7 +72,7 @@ def seed_run_dir(base: Path, target: Path) -> None:
     for name in shared_files(RunDir(base), {"method": "uc"}):
         shutil.copy2(base / name, target / name)
     done = json.loads((base / "stages.json").read_text())
-    keep = {k: v for k, v in done.items() if k in ("surrogate", "cluster")}
+    keep = {k: v for k, v in done.items() if k in SHARED}
     (target / "stages.json").write_text(json.dumps(keep))
 
 

@@ -67,8 +67,7 @@ def run_export(cfg: dict, comm: Comm, run: RunDir) -> dict:
               (partition(data.num_samples, comm.size, r, True) for r in range(comm.size))]
     first, total = sum(chunks[:comm.rank]), max(1, sum(chunks))
     plan = resolve_refinement(cfg, data.manifest["task"])  # (steps, objective)
-    mine = partition(data.num_samples, comm.size, comm.rank, True)
-    perturb = chunk_protector(cfg, run, data.manifest, comm, data.image_size, plan, mine[1] - mine[0])
+    perturb = chunk_protector(cfg, run, data.manifest, comm, data.image_size, plan, len(data))
     source = data.manifest
     manifest = {**source, "dataset": f"{source['dataset']}-protected",
                 "source": {"file": str(cfg["data_dir"]), "md5": None},

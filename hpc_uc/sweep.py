@@ -32,17 +32,16 @@ def shared_stages(cfg: dict) -> tuple[str, ...]:
     return tuple(name for name in METHODS[cfg["method"]].stages if name in SHARED)
 
 
-def shared_files(shared: RunDir, cfg: dict) -> tuple[str, ...]:
-    """What the shared stages left in ``shared``: their artifacts, and those some configs only
-    leave where present (``surrogate.snapshots``' kept epochs: the points refine through them)."""
-    stages = [STAGES[name] for name in shared_stages(cfg)]
-    return (tuple(rel for stage in stages for rel in stage.artifacts)
-            + tuple(rel for stage in stages for rel in stage.optional if (shared.root / rel).is_file()))
-
-
 def optional_files(cfg: dict) -> tuple[str, ...]:
     """What the shared stages leave under some configs only (a point may hold a stale one)."""
     return tuple(rel for name in shared_stages(cfg) for rel in STAGES[name].optional)
+
+
+def shared_files(shared: RunDir, cfg: dict) -> tuple[str, ...]:
+    """What the shared stages left in ``shared``: their artifacts, and the optional ones present
+    (``surrogate.snapshots``' kept epochs: the points refine through them)."""
+    return (tuple(rel for name in shared_stages(cfg) for rel in STAGES[name].artifacts)
+            + tuple(rel for rel in optional_files(cfg) if (shared.root / rel).is_file()))
 
 
 def parse_ints(text: str, flag: str, minimum: int) -> list[int]:
