@@ -85,4 +85,7 @@ def test_seeded_draws_are_pinned():
     a = crop_flip(small, epoch_generator(1, 0, 2))
     b = crop_flip(large, epoch_generator(1, 0, 3))
     assert float(a.double().sum()) == pytest.approx(8269.379005789757, abs=1e-9)
-    assert float(b.double().sum()) == pytest.approx(55230.74709724379, abs=1e-6)
+    # above 64 px the crop is resized (bilinear, float32): its rounding differs between CPUs
+    # (3.7e-4 on an Intel Sapphire Rapids against the AMD EPYC the pin was taken on), while
+    # another draw moves this sum of 110,592 uniform values by ~100
+    assert float(b.double().sum()) == pytest.approx(55230.74709724379, abs=1e-2)
