@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hpc_uc import augment
 from hpc_uc.augment import crop_flip, epoch_generator, random_crop
 
 
@@ -76,16 +77,36 @@ def test_keyed_draws_depend_on_the_image_key_alone():
     assert out.shape == big.shape and not torch.equal(out, big) and 0 <= out.min() and out.max() <= 1
 
 
-def test_seeded_draws_are_pinned():
+def test_seeded_draws_are_pinned(monkeypatch):
     """The ue victim's augmentation is what every measured figure was trained with: its draws
     from (seed, rank, epoch) must not move when the code around them does (checksums taken
     before the draws were split from their application, session 20)."""
+    drawn = {}
+    resize, flip = augment.resized_crop, augment.flipped_where
+    monkeypatch.setattr(augment, "resized_crop", lambda images, *draws: (
+        drawn.setdefault("crop", [d.tolist() for d in draws]), resize(images, *draws))[1])
+    monkeypatch.setattr(augment, "flipped_where", lambda images, mask: (
+        drawn.setdefault("flip", mask.tolist()), flip(images, mask))[1])
     torch.manual_seed(0)
     small, large = torch.rand(8, 3, 28, 28), torch.rand(4, 3, 96, 96)
     a = crop_flip(small, epoch_generator(1, 0, 2))
-    b = crop_flip(large, epoch_generator(1, 0, 3))
     assert float(a.double().sum()) == pytest.approx(8269.379005789757, abs=1e-9)
-    # above 64 px the crop is resized (bilinear, float32): its rounding differs between CPUs
-    # (3.7e-4 on an Intel Sapphire Rapids against the AMD EPYC the pin was taken on), while
-    # another draw moves this sum of 110,592 uniform values by ~100
+    drawn.clear()
+    b = crop_flip(large, epoch_generator(1, 0, 3))
+    # above 64 px the crop is resized (bilinear, float32), whose rounding differs between CPUs
+    # (3.7e-4 in this sum on an Intel Sapphire Rapids against the AMD EPYC the sum was pinned
+    # on): the draws themselves are pinned (area, aspect, centre x, centre y per image; flips),
+    # and the resized sum to where another draw would move it (by ~100)
+    assert drawn["crop"] == [pytest.approx(v, rel=1e-6) for v in PINNED_96PX_CROP]
+    assert drawn["flip"] == [False, True, False, False]
     assert float(b.double().sum()) == pytest.approx(55230.74709724379, abs=1e-2)
+
+
+# crop_flip's draws for 4 images at 96 px from epoch_generator(1, 0, 3), recorded session 25 on
+# the code whose resized output matches the session-20 sum above
+PINNED_96PX_CROP = [
+    [0.9125970005989075, 0.40525493025779724, 0.9276758432388306, 0.521899938583374],
+    [0.8429921865463257, 0.8038118481636047, 0.9450477361679077, 0.8836567997932434],
+    [0.13290035724639893, 0.34308063983917236, 0.5367578864097595, 0.5758383870124817],
+    [0.1848219633102417, 0.2987022399902344, 0.21389520168304443, 0.6152356863021851],
+]
