@@ -125,7 +125,9 @@ DEFAULTS: dict[str, Any] = {
         "init": "cluster",        # where each image's refinement starts: its cluster's delta |
                                   # uniform noise in the budget from (seed, sample id), as em's
         "momentum": 0.0,          # > 0: step along the sign of a running sum of normalised
-    },                            # gradients, this times the last plus the new (MI-FGSM; 0: off)
+                                  # gradients, this times the last plus the new (MI-FGSM; 0: off)
+        "batch_mib": 1024,        # activations kept per refinement batch and rank: as many images go
+    },                            # through the surrogate at once (at most 256, or surrogate.micro_batch)
     "victim": {                   # MedMNIST v2's protocol by default
         "arch": "resnet18",
         "stem": "auto",           # auto (small for <= 64 px) | small | standard
@@ -198,6 +200,7 @@ CHOICES = {
 NEUTRAL: dict[str, Any] = {
     "surrogate.augment": False, "surrogate.snapshots": 0, "surrogate.optimizer": "adam",
     "refine.init": "cluster", "refine.momentum": 0.0,
+    "refine.batch_mib": 1024,  # moves the batch split only (float rounding), not what is computed
 }
 
 
@@ -238,6 +241,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "em.lr": ("number", 0, INF), "em.weight_decay": ("number", 0, INF), "em.adam_lr": ("number", 0, INF),
     "export.npz": ("bool", None, None), "export.chunk_mib": ("number", 0, INF), "refine.steps": ("int|auto", 0, INF), "refine.step_size": ("number", 0, INF),
     "refine.augment": ("bool", None, None), "refine.momentum": ("number", 0, 1),
+    "refine.batch_mib": ("number", 0, INF),
     "victim.epochs": ("int", 0, INF), "victim.lr": ("number", 0, INF), "victim.weight_decay": ("number", 0, INF),
     "victim.batch_size": ("int", 1, INF), "victim.base_batch_size": ("int", 1, INF),
     "victim.milestones": ("list", None, None), "victim.micro_batch": ("int", 0, INF),
@@ -248,7 +252,7 @@ RULES: dict[str, tuple[str, float | None, float | None]] = {
     "defense.pgd_epsilon": ("number", 0, 1), "defense.pgd_steps": ("int", 0, INF),
     "defense.pgd_step_size": ("number", 0, 1),
 }
-POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr", "export.chunk_mib", "em.lr", "em.adam_lr"}  # > 0, not just >= 0
+POSITIVE = {"surrogate.lr", "generator.lr", "victim.lr", "victim.ue.lr", "export.chunk_mib", "refine.batch_mib", "em.lr", "em.adam_lr"}  # > 0, not just >= 0
 
 
 def merge(base: dict, update: dict, where: str = "") -> dict:

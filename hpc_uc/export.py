@@ -29,6 +29,7 @@ from .stages import METHODS
 
 REFINE_AUGMENT = 14  # refine.augment's stream of randomness, drawn from the seed
 REFINE_INIT = 15     # refine.init=uniform's
+PROGRESS_SECONDS = 10.0  # the refinement's progress lines: at most one per this many seconds
 
 
 def protect(images: np.ndarray, delta: np.ndarray, epsilon: float, norm: str,
@@ -150,17 +151,21 @@ def through_snapshots(objective: str) -> bool:
 
 
 def refine_progress(comm: Comm, total: int, steps: int) -> Callable[[int], None] | None:
-    """Rank 0's log line after each refined batch (the longest wait of an export): its images
-    done of ``total``, the rate and the time left; None on the other ranks."""
+    """Rank 0's log line after a refined batch (the longest wait of an export), the first and
+    then at most one every :data:`PROGRESS_SECONDS`, and the last: its images done
+    of ``total``, the rate and the time left; None on the other ranks."""
     if not comm.is_root:
         return None
-    began, done = time.perf_counter(), 0
+    began, done, last = time.perf_counter(), 0, None
 
     def report(count: int) -> None:
-        nonlocal done
+        nonlocal done, last
         done += count
-        print(f"export: refining ({steps} steps), rank 0: "
-              + rate_line(done, total, time.perf_counter() - began, "images"), flush=True)
+        now = time.perf_counter()
+        if last is None or now - last >= PROGRESS_SECONDS or done >= total:
+            last = now
+            print(f"export: refining ({steps} steps), rank 0: " + rate_line(done, total, now - began, "images"),
+                  flush=True)
     return report
 
 
@@ -174,11 +179,15 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
     import torch.nn.functional as F
 
     from .em import initial_levels
-    from .refine import BATCH, cluster_target_loss, keyed_augment, next_class_loss, refine
+    from .refine import BATCH, cluster_target_loss, fitting_batch, keyed_augment, next_class_loss, refine
     from .surrogate import load_trajectory
 
     models = load_trajectory(cfg, run, manifest, comm.device, snapshots=through_snapshots(objective))
     r = cfg["refine"]
+    shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
+    batch = fitting_batch(models[-1], shape, comm.device, r["batch_mib"], cfg["surrogate"]["micro_batch"] or BATCH)
+    if comm.is_root:
+        print(f"export: refinement batch of {batch} images per rank (refine.batch_mib={r['batch_mib']:g})", flush=True)
     if objective == "uc":  # each cluster's target distribution
         with np.load(run.clusters) as data:
             centroids = torch.from_numpy(data["centroids"]).float()
@@ -196,7 +205,7 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
             levels = initial_levels(index, shape, cfg["epsilon"], cfg["norm"], cfg["seed"] + REFINE_INIT)
             delta = levels.transpose(0, 2, 3, 1).astype(np.float32) / 255.0
         return refine(models, images, delta, loss, cfg["epsilon"], cfg["norm"], steps, r["step_size"],
-                      comm.device, batch=cfg["surrogate"]["micro_batch"] or BATCH,
+                      comm.device, batch=batch,
                       boundary=cfg["generator"]["boundary"], augment=augment, momentum=r["momentum"],
                       on_batch=on_batch)
     return refine_chunk

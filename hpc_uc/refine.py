@@ -29,7 +29,7 @@ from .shards import is_multilabel
 from .stages import head_trained_on_labels
 
 AUTO_STEPS = 200  # refine.steps=auto where the targeted objective applies (docs/efficacy.md)
-BATCH = 256       # images per forward-backward unless the caller bounds it (surrogate.micro_batch)
+BATCH = 256       # images per forward-backward at most (or surrogate.micro_batch, when set)
 
 # (logits, features, rows) -> each image's loss; rows: the chunk's slice the batch came from
 ImageLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
@@ -87,6 +87,31 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
         return delta.clamp(-epsilon, epsilon)
     size = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     return delta * (epsilon / size).clamp(max=1.0)
+
+
+def activation_bytes(model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> int:
+    """What one more image of ``shape`` (C x H x W) adds to the tensors a forward pass of
+    ``model`` keeps for the backward to its input: autograd's saved tensors for 2 images less
+    those for 1 (the weights it also saves cancel)."""
+    def saved(n: int) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        x = torch.zeros((n, *shape), device=device, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return total
+    return max(1, saved(2) - saved(1))
+
+
+def fitting_batch(model: nn.Module, shape: tuple[int, int, int], device: torch.device, budget_mib: float,
+                  cap: int = BATCH) -> int:
+    """Images per refinement forward-backward: as many as keep the saved activations within
+    ``budget_mib`` (:func:`activation_bytes`), at least 1 and at most ``cap``."""
+    return int(max(1, min(cap, budget_mib * 2**20 // activation_bytes(model, shape, device))))
 
 
 def model_at(models: Sequence[nn.Module], step: int, steps: int) -> nn.Module:

@@ -400,7 +400,8 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
     """refine.objective=auto on single-label data is targeted: the export refines each image
     toward the surrogate's next class (its loss of y + 1 falls against the unrefined export and
     UC's own loss), by default through the crop-and-flip expectation, records what it ran, and
-    logs its progress through rank 0's images."""
+    logs its progress through rank 0's images; refine.batch_mib sets how many images go through
+    the surrogate at once, which changes the split, not the result."""
     import shutil
 
     import torch
@@ -413,13 +414,18 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
     cfg, run = finished_run
     exported = {}
     for name, overrides in {"auto": [], "plain": ["refine.augment=false"],
-                            "uc": ["refine.objective=uc", "refine.augment=false"]}.items():
+                            "uc": ["refine.objective=uc", "refine.augment=false"],
+                            "small": ["refine.batch_mib=0.5"]}.items():
         shutil.copytree(run.root, tmp_path / name)
         other = tiny_config(cfg["data_dir"], tmp_path / name, "refine.steps=3", "refine.step_size=0.25", *overrides)
         comm, exported[name] = start(other)
         run_stage("export", other, comm, exported[name])
     count = read_manifest(run.protected)["splits"]["train"]["count"]  # one rank here: all of them
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("export: refining")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("export: refining")]
+    batches = [line for line in out if line.startswith("export: refinement batch of ")]
+    assert [line.split()[4] for line in batches] == ["256", "256", "256", "1"]  # 0.5 MiB: one image at a time
+    assert out[out.index(batches[-1]) + 1].startswith("export: refining (3 steps), rank 0: 1/")  # and it did
     assert lines and all(line.startswith("export: refining (3 steps), rank 0: ") for line in lines)
     assert f": {count}/{count} images (" in lines[-1] and lines[-1].endswith(", done)")
     manifest = read_manifest(exported["auto"].protected)
@@ -442,6 +448,9 @@ def test_targeted_refinement_at_export_aims_the_images_at_the_next_class(finishe
     assert expected < unrefined
     assert not np.array_equal(read_whole_split(exported["auto"].protected, "train")[0],
                               read_whole_split(exported["plain"].protected, "train")[0])
+    # refine.batch_mib moves only the batch split: a sign step flips where rounding moves a ~0 gradient
+    one_at_a_time = read_whole_split(exported["small"].protected, "train")[0].astype(int)
+    assert np.mean(np.abs(one_at_a_time - read_whole_split(exported["auto"].protected, "train")[0]) > 1) < 1e-2  # rounding
 
 
 def test_refinement_from_uniform_noise_starts_from_each_image_s_own_draw(finished_run, tmp_path):

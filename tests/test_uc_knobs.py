@@ -17,8 +17,9 @@ from hpc_uc.errors import UserError
 from hpc_uc.export import protect
 from hpc_uc.generator import add_perturbation, choose_targets, kl_to_target
 from hpc_uc.models import ResNetWithFeature
-from hpc_uc.refine import cluster_target_loss, model_at, next_class_loss, refine
-from hpc_uc.surrogate import snapshot_epochs
+from hpc_uc.refine import (activation_bytes, cluster_target_loss, fitting_batch, model_at, next_class_loss,
+                           refine)
+from hpc_uc.surrogate import frozen, snapshot_epochs
 
 # three clusters on a line: 0 and 1 close together (class 0), 2 far away (class 1)
 CENTROIDS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
@@ -49,6 +50,7 @@ def test_cross_class_target_always_crosses_classes():
     ("generator.boundary=wrap", "generator.boundary must be one of"),
     ("refine.steps=-1", "refine.steps must be >= 0"),
     ("refine.step_size=abc", "refine.step_size must be a number"),
+    ("refine.batch_mib=0", "refine.batch_mib must be > 0"),
 ])
 def test_bad_knob_values_are_refused(override, message):
     with pytest.raises(UserError, match=message):
@@ -398,3 +400,30 @@ def test_refinement_reports_each_batch_and_the_log_line_reads_the_rate():
     assert heard == [2, 2, 1]
     assert rate_line(50, 200, 10.0, "images") == "50/200 images (5.0 images/s, about 30 s left)"
     assert rate_line(200, 200, 10.0, "images") == "200/200 images (20.0 images/s, done)"
+
+
+def saved_bytes(model, x):
+    """What a forward pass of ``model`` on ``x`` keeps for the backward (autograd's saved tensors)."""
+    total = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        model(x.requires_grad_(True))
+    return sum(total)
+
+
+def test_refinement_batch_keeps_its_activations_within_the_budget():
+    """At 224 px 256 images of a ResNet-18's activations are ~9 GiB: the batch follows
+    refine.batch_mib, and the per-image figure it is made from holds for a larger batch."""
+    torch.manual_seed(0)
+    model = frozen(ResNetWithFeature("resnet18", 2, 3, small_stem=False), torch.device("cpu"))
+    shape = (3, 224, 224)
+    per_image = activation_bytes(model, shape, torch.device("cpu"))
+    one, four = (saved_bytes(model, torch.zeros(n, *shape)) for n in (1, 4))
+    assert four - one == pytest.approx(3 * per_image, rel=1e-3)
+    n = fitting_batch(model, shape, torch.device("cpu"), 64)
+    assert n * per_image <= 64 * 2**20 < (n + 1) * per_image
+    assert fitting_batch(model, shape, torch.device("cpu"), 1024) < 256
+    assert fitting_batch(model, shape, torch.device("cpu"), 0.01) == 1  # never fewer than one image
+    small = frozen(ResNetWithFeature("resnet18", 2, 1, small_stem=False), torch.device("cpu"))
+    assert fitting_batch(small, (1, 28, 28), torch.device("cpu"), 1024) == 256  # 28 px: as before
+    assert fitting_batch(small, (1, 28, 28), torch.device("cpu"), 1024, cap=32) == 32  # surrogate.micro_batch
