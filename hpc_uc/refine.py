@@ -25,6 +25,7 @@ from torch import nn
 
 from .augment import augment_keys, keyed_crop_flip
 from .generator import add_perturbation, kl_to_target
+from .reader import chunk_rows
 from .shards import is_multilabel
 from .stages import head_trained_on_labels
 
@@ -111,7 +112,7 @@ def fitting_batch(model: nn.Module, shape: tuple[int, int, int], device: torch.d
                   cap: int = BATCH) -> int:
     """Images per refinement forward-backward: as many as keep the saved activations within
     ``budget_mib`` (:func:`activation_bytes`), at least 1 and at most ``cap``."""
-    return int(max(1, min(cap, budget_mib * 2**20 // activation_bytes(model, shape, device))))
+    return min(cap, chunk_rows(budget_mib * 2**20, activation_bytes(model, shape, device), 1))
 
 
 def model_at(models: Sequence[nn.Module], step: int, steps: int) -> nn.Module:
