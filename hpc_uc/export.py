@@ -184,8 +184,8 @@ def refiner(cfg: dict, run: RunDir, manifest: dict, comm: Comm, steps: int, obje
 
     models = load_trajectory(cfg, run, manifest, comm.device, snapshots=through_snapshots(objective))
     r = cfg["refine"]
-    shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
-    batch = fitting_batch(models[-1], shape, comm.device, r["batch_mib"], cfg["surrogate"]["micro_batch"] or BATCH)
+    image_shape = (manifest["channels"], manifest["image_size"], manifest["image_size"])
+    batch = fitting_batch(models[-1], image_shape, comm.device, r["batch_mib"], cfg["surrogate"]["micro_batch"] or BATCH)
     if comm.is_root:
         print(f"export: refinement batch of {batch} images per rank (refine.batch_mib={r['batch_mib']:g})", flush=True)
     if objective == "uc":  # each cluster's target distribution
