@@ -90,22 +90,26 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
     return delta * (epsilon / size).clamp(max=1.0)
 
 
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """What a forward pass of ``model`` on ``x`` keeps for the backward to ``x``: the bytes of
+    autograd's saved tensors (a tensor counted each time it is saved)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x.requires_grad_(True))
+    return total
+
+
 def activation_bytes(model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> int:
     """What one more image of ``shape`` (C x H x W) adds to the tensors a forward pass of
-    ``model`` keeps for the backward to its input: autograd's saved tensors for 2 images less
-    those for 1 (the weights it also saves cancel)."""
-    def saved(n: int) -> int:
-        total = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-        x = torch.zeros((n, *shape), device=device, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
-        return total
-    return max(1, saved(2) - saved(1))
+    ``model`` keeps for the backward to its input: :func:`saved_bytes` for 2 images less 1
+    (the weights it also saves cancel)."""
+    one, two = (saved_bytes(model, torch.zeros((n, *shape), device=device)) for n in (1, 2))
+    return max(1, two - one)
 
 
 def fitting_batch(model: nn.Module, shape: tuple[int, int, int], device: torch.device, budget_mib: float,

@@ -18,7 +18,7 @@ from hpc_uc.export import protect
 from hpc_uc.generator import add_perturbation, choose_targets, kl_to_target
 from hpc_uc.models import ResNetWithFeature
 from hpc_uc.refine import (activation_bytes, cluster_target_loss, fitting_batch, model_at, next_class_loss,
-                           refine)
+                           refine, saved_bytes)
 from hpc_uc.surrogate import frozen, snapshot_epochs
 
 # three clusters on a line: 0 and 1 close together (class 0), 2 far away (class 1)
@@ -400,15 +400,6 @@ def test_refinement_reports_each_batch_and_the_log_line_reads_the_rate():
     assert heard == [2, 2, 1]
     assert rate_line(50, 200, 10.0, "images") == "50/200 images (5.0 images/s, about 30 s left)"
     assert rate_line(200, 200, 10.0, "images") == "200/200 images (20.0 images/s, done)"
-
-
-def saved_bytes(model, x):
-    """What a forward pass of ``model`` on ``x`` keeps for the backward (autograd's saved tensors)."""
-    total = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        model(x.requires_grad_(True))
-    return sum(total)
 
 
 def test_refinement_batch_keeps_its_activations_within_the_budget():
